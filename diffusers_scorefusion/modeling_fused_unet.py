@@ -1,0 +1,415 @@
+"""`FusedUNet`: several denoisers behind one UNet interface, combined as ``sum_i lambda_i eps_i``.
+
+This module's path is part of the on-disk format: Diffusers records it in a saved pipeline's
+``model_index.json``. Keep the class here.
+"""
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .fusion_utils import (
+    PREDICTION_TYPES,
+    WeightsLike,
+    alpha_sigma,
+    check_bin_edges,
+    check_weights,
+    combine_predictions,
+    convert_prediction,
+    timestep_bins,
+)
+
+# Config keys pipelines read from `pipe.unet.config`; every member must agree on them.
+INTERFACE_KEYS = (
+    "in_channels",
+    "out_channels",
+    "sample_size",
+    "cross_attention_dim",
+    "time_cond_proj_dim",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "class_embed_type",
+    "num_class_embeds",
+)
+# Scheduler config keys that define the training noise schedule (alphas_cumprod).
+NOISE_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+)
+NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                           "trained_betas": None, "rescale_betas_zero_snr": False}  # fmt: skip
+
+
+def _config_get(config: Any, key: str) -> Any:
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def noise_schedule_of(scheduler: Union[ConfigMixin, Dict[str, Any]]) -> Dict[str, Any]:
+    """The noise-schedule part of a scheduler (or scheduler config), defaults filled in."""
+    config = scheduler if isinstance(scheduler, dict) else getattr(scheduler, "config", None)
+    if config is None:
+        raise TypeError(f"expected a Diffusers scheduler or a scheduler config dict, got {type(scheduler).__name__}")
+    schedule = {}
+    for key in NOISE_SCHEDULE_KEYS:
+        value = _config_get(config, key)
+        schedule[key] = NOISE_SCHEDULE_DEFAULTS[key] if value is None else value
+    if schedule["trained_betas"] is not None:
+        schedule["trained_betas"] = [float(beta) for beta in schedule["trained_betas"]]
+    return schedule
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _copy_containers(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    # UNet2DConditionModel pops from `down_intrablock_additional_residuals` and `cross_attention_kwargs`.
+    return {key: (type(value)(value) if isinstance(value, (list, dict)) else value) for key, value in kwargs.items()}
+
+
+class FusedUNet(ModelMixin, ConfigMixin):
+    r"""
+    Several UNets that share one noise schedule, combined into the KL-barycenter denoiser of ScoreFusion.
+
+    The output is ``sum_i weights[i] * output_i`` (Liu et al., AISTATS 2025): the noise prediction of the
+    barycenter ``p ∝ prod_i p_i^lambda_i``. It is a drop-in `unet` for Diffusers pipelines and schedulers.
+
+    Args:
+        unets (`list[torch.nn.Module]`):
+            The k >= 1 members: `UNet2DConditionModel`, `UNet2DModel`, or any module with the Diffusers UNet calling
+            convention and a `config` holding at least `in_channels`, `out_channels` and `sample_size`.
+        weights (`list[float]` or `list[list[float]]`, *optional*):
+            The fusion weights, on the simplex: shape `(k,)`, or `(num_bins, k)` with `timestep_bin_edges` for weights
+            that depend on the noise level. Defaults to uniform.
+        timestep_bin_edges (`list[float]`, *optional*):
+            `num_bins + 1` increasing timesteps; row `i` of `weights` applies to `edges[i] <= t < edges[i + 1]`.
+        prediction_type (`str`, *optional*):
+            What the fused model outputs (`"epsilon"`, `"v_prediction"` or `"sample"`). Defaults to the members' type
+            when they all share one.
+        member_prediction_types (`list[str]`, *optional*):
+            What each member predicts. Defaults to the members' schedulers' `prediction_type`, else `"epsilon"`.
+        member_schedulers (`list[SchedulerMixin | dict]`, *optional*):
+            Each member's training scheduler (or its config). Their noise schedules must agree; the schedule is
+            needed to convert between prediction types.
+    """
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = False
+
+    def __init__(
+        self,
+        unets: Sequence[nn.Module],
+        weights: Optional[WeightsLike] = None,
+        timestep_bin_edges: Optional[Sequence[float]] = None,
+        prediction_type: Optional[str] = None,
+        member_prediction_types: Optional[Sequence[str]] = None,
+        member_schedulers: Optional[Sequence[Union[ConfigMixin, Dict[str, Any]]]] = None,
+    ):
+        super().__init__()
+        if isinstance(unets, nn.Module) and not isinstance(unets, nn.ModuleList):
+            raise TypeError(f"unets must be a list of modules, got a single {type(unets).__name__}")
+        unets = list(unets)
+        if len(unets) == 0:
+            raise ValueError("unets must hold at least one member, got an empty list")
+        interface = self._check_members(unets)
+        num_members = len(unets)
+        noise_schedule = self._check_schedules(member_schedulers, num_members)
+        member_prediction_types = self._resolve_member_types(member_prediction_types, member_schedulers, num_members)
+        if prediction_type is None:
+            if len(set(member_prediction_types)) > 1:
+                raise ValueError(
+                    f"members predict {member_prediction_types}: pass prediction_type= to choose what FusedUNet outputs"
+                )
+            prediction_type = member_prediction_types[0]
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if noise_schedule is None and any(t != prediction_type for t in member_prediction_types):
+            raise ValueError(
+                f"members predict {member_prediction_types} and FusedUNet outputs {prediction_type!r}: pass "
+                "member_schedulers= (the members' training schedulers) so outputs can be converted exactly"
+            )
+        self.unets = nn.ModuleList(unets)
+        self._alphas_cumprod = None
+        if noise_schedule is not None:
+            self._alphas_cumprod = DDPMScheduler.from_config(noise_schedule).alphas_cumprod.to(torch.float64)
+        self.register_to_config(
+            **interface,
+            num_members=num_members,
+            prediction_type=prediction_type,
+            member_prediction_types=list(member_prediction_types),
+            noise_schedule=noise_schedule,
+        )
+        self._weights_override = None
+        self.set_weights([1.0 / num_members] * num_members if weights is None else weights, timestep_bin_edges)
+
+    # ----------------------------------------------------------------------------------------------- validation
+    @staticmethod
+    def _check_members(unets: List[nn.Module]) -> Dict[str, Any]:
+        for i, unet in enumerate(unets):
+            if not isinstance(unet, nn.Module):
+                raise TypeError(f"member {i} must be a torch.nn.Module, got {type(unet).__name__}")
+            config = getattr(unet, "config", None)
+            missing = [key for key in ("in_channels", "out_channels", "sample_size") if _config_get(config, key) is None]
+            if config is None or missing:
+                raise TypeError(
+                    f"member {i} ({type(unet).__name__}) needs a `config` with in_channels, out_channels and "
+                    f"sample_size; missing {missing if config is not None else 'the config'}"
+                )
+        reference = {key: _plain(_config_get(unets[0].config, key)) for key in INTERFACE_KEYS}
+        for i, unet in enumerate(unets[1:], start=1):
+            for key, expected in reference.items():
+                value = _plain(_config_get(unet.config, key))
+                if value != expected:
+                    raise ValueError(f"member {i} has {key}={value!r} but member 0 has {key}={expected!r}")
+        dtypes = [next(unet.parameters(), torch.empty(0)).dtype for unet in unets]
+        for i, dtype in enumerate(dtypes[1:], start=1):
+            if dtype != dtypes[0]:
+                raise ValueError(f"member {i} has dtype {dtype} but member 0 has dtype {dtypes[0]}")
+        return reference
+
+    @staticmethod
+    def _check_schedules(member_schedulers, num_members: int) -> Optional[Dict[str, Any]]:
+        if member_schedulers is None:
+            return None
+        if len(member_schedulers) != num_members:
+            raise ValueError(f"member_schedulers must hold {num_members} entries (one per member), got {len(member_schedulers)}")
+        schedules = [noise_schedule_of(scheduler) for scheduler in member_schedulers]
+        for i, schedule in enumerate(schedules[1:], start=1):
+            differing = {key: (schedule[key], schedules[0][key]) for key in schedule if schedule[key] != schedules[0][key]}
+            if differing:
+                shown = ", ".join(f"{key}={mine!r} vs {theirs!r}" for key, (mine, theirs) in differing.items())
+                raise ValueError(f"member {i}'s noise schedule differs from member 0's: {shown}")
+        return schedules[0]
+
+    @staticmethod
+    def _resolve_member_types(member_prediction_types, member_schedulers, num_members: int) -> List[str]:
+        declared = None
+        if member_schedulers is not None:
+            declared = [_config_get(noise_config, "prediction_type") for noise_config in
+                        (s if isinstance(s, dict) else s.config for s in member_schedulers)]  # fmt: skip
+        if member_prediction_types is None:
+            member_prediction_types = [t or "epsilon" for t in declared] if declared else ["epsilon"] * num_members
+        member_prediction_types = list(member_prediction_types)
+        if len(member_prediction_types) != num_members:
+            raise ValueError(
+                f"member_prediction_types must hold {num_members} entries, got {len(member_prediction_types)}: "
+                f"{member_prediction_types}"
+            )
+        for i, kind in enumerate(member_prediction_types):
+            if kind not in PREDICTION_TYPES:
+                raise ValueError(f"member_prediction_types[{i}] must be one of {PREDICTION_TYPES}, got {kind!r}")
+            if declared and declared[i] is not None and declared[i] != kind:
+                raise ValueError(
+                    f"member {i}'s scheduler says prediction_type={declared[i]!r} but member_prediction_types[{i}]={kind!r}"
+                )
+        return member_prediction_types
+
+    # ----------------------------------------------------------------------------------------------- weights
+    def set_weights(
+        self,
+        weights: WeightsLike,
+        timestep_bin_edges: Optional[Sequence[float]] = None,
+        provenance: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        """Sets the fusion weights: `(k,)`, or a `(num_bins, k)` table with `timestep_bin_edges`.
+
+        `provenance` (JSON-serialisable: how the weights were obtained) is stored in the config beside them and
+        saved wherever the fusion is saved; setting weights without it clears the previous provenance.
+        """
+        table = check_weights(weights, self.config.num_members)
+        edges = None
+        if timestep_bin_edges is not None:
+            edges = check_bin_edges(timestep_bin_edges, table.shape[0]).tolist()
+        elif table.shape[0] > 1:
+            raise ValueError(f"weights with {table.shape[0]} rows need timestep_bin_edges ({table.shape[0] + 1} numbers)")
+        stored = table[0].tolist() if torch.as_tensor(weights).ndim == 1 else table.tolist()
+        if provenance is not None and not isinstance(provenance, dict):
+            raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
+        self.register_to_config(weights=stored, timestep_bin_edges=edges, weights_provenance=provenance)
+        self._weights_table = table
+
+    @property
+    def fusion_weights(self) -> torch.Tensor:
+        """The weights in use: `(k,)`, or `(num_bins, k)` for noise-level-dependent weights (float64, CPU)."""
+        table = self._weights_override if self._weights_override is not None else self._weights_table
+        return table[0] if self.config.timestep_bin_edges is None else table
+
+    @contextlib.contextmanager
+    def override_weights(self, weights: Optional[WeightsLike]) -> Iterator[None]:
+        """Uses `weights` (shape `(k,)` or the stored table's shape) inside the `with` block; `None` changes nothing."""
+        if weights is None:
+            yield
+            return
+        table = check_weights(weights, self.config.num_members, name="fusion_weights")
+        num_bins = self._weights_table.shape[0]
+        if table.shape[0] == 1 and num_bins > 1:
+            table = table.expand(num_bins, -1)
+        elif table.shape[0] != num_bins:
+            raise ValueError(f"fusion_weights must have shape (k,) or ({num_bins}, k), got {tuple(table.shape)}")
+        previous, self._weights_override = self._weights_override, table
+        try:
+            yield
+        finally:
+            self._weights_override = previous
+
+    def _step_weights(self, timestep: Union[torch.Tensor, float, int], batch_size: int) -> torch.Tensor:
+        """Weights for this call: `(k,)` when every sample shares a row, else `(B, k)`."""
+        table = self._weights_override if self._weights_override is not None else self._weights_table
+        if table.shape[0] == 1:
+            return table[0]
+        timesteps = torch.as_tensor(timestep).detach().cpu().flatten()
+        rows = timestep_bins(timesteps, torch.tensor(self.config.timestep_bin_edges, dtype=torch.float64))
+        if rows.numel() == 1 or (rows == rows[0]).all():
+            return table[rows[0]]
+        if rows.numel() != batch_size:
+            raise ValueError(f"timestep must be a scalar or have {batch_size} entries, got shape {tuple(timesteps.shape)}")
+        return table[rows]  # (B, k)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _convert(self, model_output: torch.Tensor, sample: torch.Tensor, timestep, member_type: str) -> torch.Tensor:
+        if member_type == self.config.prediction_type:
+            return model_output
+        timesteps = torch.as_tensor(timestep, device=sample.device).flatten().expand(sample.shape[0])
+        alpha_t, sigma_t = alpha_sigma(self._alphas_cumprod, timesteps)
+        return convert_prediction(model_output, sample, alpha_t, sigma_t, member_type, self.config.prediction_type)
+
+    def member_output(
+        self, index: int, sample: torch.Tensor, timestep, return_dict: bool = False, **kwargs: Any
+    ) -> Any:
+        """Runs member `index` (no fusion, no conversion); `None`-valued keyword arguments are not passed."""
+        kwargs = _copy_containers({key: value for key, value in kwargs.items() if value is not None})
+        return self.unets[index](sample, timestep, return_dict=return_dict, **kwargs)
+
+    def member_outputs(
+        self, sample: torch.Tensor, timestep, members: Optional[Sequence[int]] = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Each member's prediction converted to `config.prediction_type`, stacked: `(len(members), B, C, H, W)`."""
+        members = range(self.config.num_members) if members is None else members
+        outputs = [
+            self._convert(self.member_output(i, sample, timestep, **kwargs)[0], sample, timestep,
+                          self.config.member_prediction_types[i])
+            for i in members
+        ]  # fmt: skip
+        return torch.stack(outputs)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Union[torch.Tensor, float, int],
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        class_labels: Optional[torch.Tensor] = None,
+        timestep_cond: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+        down_block_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+        mid_block_additional_residual: Optional[torch.Tensor] = None,
+        down_intrablock_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Union[BaseOutput, tuple]:
+        r"""
+        The fused prediction ``sum_i lambda_i output_i``; members with weight 0 at this timestep are not run.
+
+        Takes the arguments of `UNet2DConditionModel.forward`; every argument that is not `None` reaches every member.
+        Returns the members' output class (e.g. `UNet2DConditionOutput`) or, with `return_dict=False`, a tuple.
+        """
+        member_kwargs = dict(
+            encoder_hidden_states=encoder_hidden_states, class_labels=class_labels, timestep_cond=timestep_cond,
+            attention_mask=attention_mask, cross_attention_kwargs=cross_attention_kwargs,
+            added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+            down_intrablock_additional_residuals=down_intrablock_additional_residuals,
+            encoder_attention_mask=encoder_attention_mask, **kwargs,
+        )  # fmt: skip
+        weights = self._step_weights(timestep, sample.shape[0])  # (k,) or (B, k)
+        active = (weights != 0) if weights.ndim == 1 else (weights != 0).any(0)
+        first_output, predictions = None, []
+        for i in active.nonzero().flatten().tolist():
+            output = self.member_output(i, sample, timestep, return_dict=return_dict, **member_kwargs)
+            first_output = output if first_output is None else first_output
+            member_type = self.config.member_prediction_types[i]
+            predictions.append(self._convert(output[0], sample, timestep, member_type))
+        fused = combine_predictions(predictions, weights[..., active])
+        if return_dict and isinstance(first_output, BaseOutput):
+            return type(first_output)(sample=fused)
+        return (fused,)
+
+    # ----------------------------------------------------------------------------------------------- drop-in helpers
+    @property
+    def add_embedding(self) -> nn.Module:
+        """Member 0's `add_embedding` (SDXL pipelines read its input size; members agree on it)."""
+        return self.unets[0].add_embedding
+
+    @property
+    def encoder_hid_proj(self) -> Optional[nn.Module]:
+        """Member 0's `encoder_hid_proj`."""
+        return getattr(self.unets[0], "encoder_hid_proj", None)
+
+    def _call_on_members(self, method: str, *args: Any, **kwargs: Any) -> None:
+        missing = [f"member {i} ({type(unet).__name__})" for i, unet in enumerate(self.unets) if not hasattr(unet, method)]
+        if missing:
+            raise NotImplementedError(f"{method}() cannot be applied to the fusion: {', '.join(missing)} has no {method}()")
+        for unet in self.unets:
+            getattr(unet, method)(*args, **kwargs)
+
+    @property
+    def attn_processors(self) -> Dict[str, Any]:
+        """All members' attention processors, keyed `unets.{i}.<name>`."""
+        processors = {}
+        for i, unet in enumerate(self.unets):
+            processors.update({f"unets.{i}.{name}": proc for name, proc in getattr(unet, "attn_processors", {}).items()})
+        return processors
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """Sets one processor on every member, or a dict keyed like `attn_processors`."""
+        if not isinstance(processor, dict):
+            self._call_on_members("set_attn_processor", processor)
+            return
+        expected = self.attn_processors.keys()
+        if set(processor) != set(expected):
+            unknown, missing = sorted(set(processor) - set(expected)), sorted(set(expected) - set(processor))
+            raise ValueError(f"processor dict keys must match attn_processors; unknown {unknown[:3]}, missing {missing[:3]}")
+        for i, unet in enumerate(self.unets):
+            prefix = f"unets.{i}."
+            unet.set_attn_processor({name[len(prefix):]: proc for name, proc in processor.items() if name.startswith(prefix)})
+
+    def set_default_attn_processor(self) -> None:
+        self._call_on_members("set_default_attn_processor")
+
+    def set_attention_slice(self, slice_size: Union[str, int, List[int]] = "auto") -> None:
+        self._call_on_members("set_attention_slice", slice_size)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        self._call_on_members("enable_freeu", s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        self._call_on_members("disable_freeu")
+
+    def fuse_qkv_projections(self) -> None:
+        self._call_on_members("fuse_qkv_projections")
+
+    def unfuse_qkv_projections(self) -> None:
+        self._call_on_members("unfuse_qkv_projections")
+
+    def enable_forward_chunking(self, chunk_size: Optional[int] = None, dim: int = 0) -> None:
+        self._call_on_members("enable_forward_chunking", chunk_size=chunk_size, dim=dim)
+
+    def disable_forward_chunking(self) -> None:
+        self._call_on_members("disable_forward_chunking")
