@@ -73,6 +73,25 @@ def noise_schedule_of(scheduler: Union[ConfigMixin, Dict[str, Any]]) -> Dict[str
     return schedule
 
 
+def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
+    """Refuses a scheduler whose prediction type or noise schedule differs from the FusedUNet's."""
+    if not isinstance(unet, FusedUNet) or scheduler is None:
+        return
+    expected = unet.config.prediction_type
+    actual = scheduler.config.get("prediction_type", "epsilon")
+    if actual != expected:
+        raise ValueError(
+            f"the scheduler's prediction_type is {actual!r} but the FusedUNet outputs {expected!r}; use "
+            f"`Scheduler.from_config(scheduler.config, prediction_type={expected!r})`"
+        )
+    if unet.config.noise_schedule is not None:
+        schedule = noise_schedule_of(scheduler)
+        differing = [f"{key}={schedule[key]!r} vs {unet.config.noise_schedule[key]!r}" for key in NOISE_SCHEDULE_KEYS
+                     if schedule[key] != unet.config.noise_schedule[key]]  # fmt: skip
+        if differing:
+            raise ValueError(f"the scheduler's noise schedule differs from the members' (scheduler vs members): {differing}")
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
