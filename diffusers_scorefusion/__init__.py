@@ -2,18 +2,39 @@
 
 from diffusers.models.modeling_utils import ModelMixin  # Diffusers looks this name up in a component's module
 
+from .fitting import FitResult, fit_weights
 from .fusion_utils import check_weights, combine_predictions, convert_prediction, solve_simplex_qp
 from .modeling_fused_unet import FusedUNet
+from .modeling_lora_member import LoraMember
 from .pipeline_score_fusion import ScoreFusionPipeline
 
 __version__ = "0.1.0"
 
+
+def _register_with_diffusers() -> None:
+    """Makes `DiffusionPipeline.from_pretrained` find our pipelines by the `_class_name` saved in model_index.json.
+
+    Diffusers resolves that name as an attribute of the `diffusers` module; we add ours there (never replacing a name
+    Diffusers already has). Nothing else of Diffusers is changed.
+    """
+    import diffusers
+
+    for pipeline_class in (ScoreFusionPipeline,):
+        if not hasattr(diffusers, pipeline_class.__name__):
+            setattr(diffusers, pipeline_class.__name__, pipeline_class)
+
+
+_register_with_diffusers()
+
 __all__ = [
+    "FitResult",
     "FusedUNet",
+    "LoraMember",
     "ModelMixin",
     "ScoreFusionPipeline",
     "check_weights",
     "combine_predictions",
     "convert_prediction",
+    "fit_weights",
     "solve_simplex_qp",
 ]

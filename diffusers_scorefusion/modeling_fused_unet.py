@@ -5,6 +5,8 @@ This module's path is part of the on-disk format: Diffusers records it in a save
 """
 
 import contextlib
+import os
+import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -125,6 +127,10 @@ class FusedUNet(ModelMixin, ConfigMixin):
         member_schedulers (`list[SchedulerMixin | dict]`, *optional*):
             Each member's training scheduler (or its config). Their noise schedules must agree; the schedule is
             needed to convert between prediction types.
+        member_text_encoders (`list[torch.nn.Module | None]`, *optional*):
+            A member's own text encoder (e.g. a DreamBooth fine-tune that trained it), or `None` for members that use
+            the pipeline's. `ScoreFusionPipeline` then encodes the prompt once per distinct encoder and each member
+            receives its own encoding; members sharing an encoder share one encoding.
     """
 
     config_name = "config.json"
@@ -138,6 +144,7 @@ class FusedUNet(ModelMixin, ConfigMixin):
         prediction_type: Optional[str] = None,
         member_prediction_types: Optional[Sequence[str]] = None,
         member_schedulers: Optional[Sequence[Union[ConfigMixin, Dict[str, Any]]]] = None,
+        member_text_encoders: Optional[Sequence[Optional[nn.Module]]] = None,
     ):
         super().__init__()
         if isinstance(unets, nn.Module) and not isinstance(unets, nn.ModuleList):
@@ -163,6 +170,9 @@ class FusedUNet(ModelMixin, ConfigMixin):
                 "member_schedulers= (the members' training schedulers) so outputs can be converted exactly"
             )
         self.unets = nn.ModuleList(unets)
+        encoder_slots = self._encoder_slots(member_text_encoders, num_members)
+        self.text_encoders = nn.ModuleList(encoder_slots[1])
+        self.member_sources: List[Optional[Dict[str, Any]]] = [None] * num_members
         self._alphas_cumprod = None
         if noise_schedule is not None:
             self._alphas_cumprod = DDPMScheduler.from_config(noise_schedule).alphas_cumprod.to(torch.float64)
@@ -172,6 +182,7 @@ class FusedUNet(ModelMixin, ConfigMixin):
             prediction_type=prediction_type,
             member_prediction_types=list(member_prediction_types),
             noise_schedule=noise_schedule,
+            member_encoder_slots=encoder_slots[0],
         )
         self._weights_override = None
         self.set_weights([1.0 / num_members] * num_members if weights is None else weights, timestep_bin_edges)
@@ -237,6 +248,50 @@ class FusedUNet(ModelMixin, ConfigMixin):
                     f"member {i}'s scheduler says prediction_type={declared[i]!r} but member_prediction_types[{i}]={kind!r}"
                 )
         return member_prediction_types
+
+    @staticmethod
+    def _encoder_slots(member_text_encoders, num_members: int):
+        """Slot of each member's text encoder (0: the pipeline's, j: `text_encoders[j - 1]`) and the distinct encoders."""
+        if member_text_encoders is None:
+            return None, []
+        if len(member_text_encoders) != num_members:
+            raise ValueError(
+                f"member_text_encoders must hold {num_members} entries (a module or None per member), "
+                f"got {len(member_text_encoders)}"
+            )
+        encoders, slots = [], []
+        for i, encoder in enumerate(member_text_encoders):
+            if encoder is None:
+                slots.append(0)
+                continue
+            if not isinstance(encoder, nn.Module):
+                raise TypeError(f"member_text_encoders[{i}] must be a torch.nn.Module or None, got {type(encoder).__name__}")
+            found = next((j for j, known in enumerate(encoders) if known is encoder), None)
+            if found is None:
+                encoders.append(encoder)
+                found = len(encoders) - 1
+            slots.append(found + 1)
+        return (slots, encoders) if encoders else (None, [])
+
+    @property
+    def num_encoder_slots(self) -> int:
+        """How many prompt encodings the fusion needs: the pipeline's encoder plus each distinct member encoder."""
+        return 1 + len(self.text_encoders)
+
+    def _member_hidden_states(self, index: int, encoder_hidden_states: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Member `index`'s slice of the encodings, concatenated along the last dim (one block per encoder slot)."""
+        slots = self.config.member_encoder_slots
+        if slots is None or encoder_hidden_states is None:
+            return encoder_hidden_states
+        width = self.config.cross_attention_dim
+        if encoder_hidden_states.shape[-1] != width * self.num_encoder_slots:
+            raise ValueError(
+                f"members have their own text encoders: encoder_hidden_states must concatenate "
+                f"{self.num_encoder_slots} encodings of width {width} (last dim {width * self.num_encoder_slots}), got "
+                f"shape {tuple(encoder_hidden_states.shape)}; use ScoreFusionPipeline, whose encode_prompt does this"
+            )
+        slot = slots[index]
+        return encoder_hidden_states[..., slot * width : (slot + 1) * width]
 
     # ----------------------------------------------------------------------------------------------- weights
     def set_weights(
@@ -311,6 +366,8 @@ class FusedUNet(ModelMixin, ConfigMixin):
         self, index: int, sample: torch.Tensor, timestep, return_dict: bool = False, **kwargs: Any
     ) -> Any:
         """Runs member `index` (no fusion, no conversion); `None`-valued keyword arguments are not passed."""
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = self._member_hidden_states(index, kwargs["encoder_hidden_states"])
         kwargs = _copy_containers({key: value for key, value in kwargs.items() if value is not None})
         return self.unets[index](sample, timestep, return_dict=return_dict, **kwargs)
 
@@ -369,6 +426,82 @@ class FusedUNet(ModelMixin, ConfigMixin):
         if return_dict and isinstance(first_output, BaseOutput):
             return type(first_output)(sample=fused)
         return (fused,)
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Union[int, str] = "10GB",
+        push_to_hub: bool = False,
+        reference_only: bool = False,
+        member_sources: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
+        **kwargs: Any,
+    ) -> None:
+        r"""
+        Saves the fusion atomically (a failing save leaves an earlier save intact), in safetensors.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            reference_only (`bool`, defaults to `False`): write only `config.json`, naming each member's repo id or
+                path (from `member_sources`, or recorded when the members were loaded by path or id) instead of
+                writing each member as a standard UNet folder `member_{i}/`.
+            member_sources (`list[dict]`, *optional*): per member, `pretrained_model_name_or_path`, `subfolder`,
+                `revision`, `variant`.
+            push_to_hub (`bool`): also upload to the Hub (`repo_id` in kwargs, default: the folder's name).
+        """
+        from .serialization import save_fused_unet
+
+        if not safe_serialization:
+            raise ValueError("FusedUNet saves safetensors only; got safe_serialization=False")
+        if not is_main_process:
+            return
+        save_fused_unet(self, os.fspath(save_directory), reference_only=reference_only, member_sources=member_sources,
+                        variant=variant, max_shard_size=max_shard_size)  # fmt: skip
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            self.push_to_hub(repo_id, reference_only=reference_only, member_sources=member_sources, variant=variant,
+                             **kwargs)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> "FusedUNet":
+        r"""
+        Loads a fusion from a local folder or a Hub repo id (self-contained or reference-only layout).
+
+        Takes `subfolder`, `revision`, `variant`, `torch_dtype`, `device_map` (one for all members, or a list with one
+        per member), `cache_dir`, `token`, `local_files_only`, the other keyword arguments Diffusers' pipeline loader
+        passes, and `allow_pickle` (default `False`: `.bin`/`.ckpt` member weights are refused).
+        """
+        from .serialization import load_fused_unet
+
+        return load_fused_unet(os.fspath(pretrained_model_name_or_path), **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        reference_only: bool = False,
+        member_sources: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        variant: Optional[str] = None,
+        **kwargs: Any,
+    ) -> str:
+        """Uploads the fusion (or, with `reference_only=True`, only its weight config) to a Hub repo; returns its id."""
+        from huggingface_hub import create_repo, upload_folder
+
+        if kwargs:
+            raise TypeError(f"push_to_hub got unexpected keyword arguments {sorted(kwargs)}")
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "fusion")
+            self.save_pretrained(folder, reference_only=reference_only, member_sources=member_sources, variant=variant)
+            upload_folder(repo_id=repo_id, folder_path=folder, token=token, create_pr=create_pr,
+                          commit_message=commit_message or "Upload FusedUNet")  # fmt: skip
+        return repo_id
 
     # ----------------------------------------------------------------------------------------------- drop-in helpers
     @property
@@ -432,3 +565,35 @@ class FusedUNet(ModelMixin, ConfigMixin):
 
     def disable_forward_chunking(self) -> None:
         self._call_on_members("disable_forward_chunking")
+
+    # ----------------------------------------------------------------------------------------------- LoRA members
+    @classmethod
+    def from_lora(
+        cls,
+        base_unet: nn.Module,
+        loras: Sequence[Any],
+        weights: Optional[WeightsLike] = None,
+        adapter_names: Optional[Sequence[str]] = None,
+        allow_pickle: bool = False,
+    ) -> "FusedUNet":
+        r"""
+        A fusion of LoRA fine-tunes of one base UNet that holds the base once: one adapter per LoRA, one
+        [`LoraMember`] per adapter.
+
+        Args:
+            base_unet (`UNet2DConditionModel`):
+                The base the LoRAs were trained on. The adapters are loaded into it in place (no copy).
+            loras (`list`):
+                Diffusers LoRA folders (`pytorch_lora_weights.safetensors`), `.safetensors` files, Hub repo ids, or
+                state dicts, as `pipe.load_lora_weights` reads them. UNet keys only: text-encoder LoRAs are refused.
+            weights (`list[float]`, *optional*):
+                The fusion weights (uniform by default).
+            adapter_names (`list[str]`, *optional*):
+                Adapter names in `base_unet` (default `member_0`, `member_1`, ...).
+            allow_pickle (`bool`, defaults to `False`):
+                Also read pickle (`.bin`) LoRA files. Only for files you trust.
+        """
+        from .modeling_lora_member import load_lora_members
+
+        members = load_lora_members(base_unet, loras, adapter_names=adapter_names, allow_pickle=allow_pickle)
+        return cls(members, weights=weights)

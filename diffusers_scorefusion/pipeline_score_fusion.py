@@ -12,6 +12,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from .fusion_utils import WeightsLike
 from .loading_utils import MemberSpec, load_member
 from .modeling_fused_unet import FusedUNet, check_scheduler_matches
+from .serialization import atomic_directory
 
 
 def build_fused_unet(
@@ -105,6 +106,13 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
         member_kwargs = {key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs}
         kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle, **member_kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
+        """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+        with atomic_directory(os.fspath(save_directory)) as staging:
+            super().save_pretrained(staging, **kwargs)
 
     @torch.no_grad()
     def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any):
