@@ -4,10 +4,12 @@ import os
 from typing import Any, Dict, Optional, Tuple, Union
 
 import diffusers
+import torch
+import transformers
 from diffusers import DDPMScheduler
 from torch import nn
 
-# Member classes a config may name; nothing else is ever imported from a config.
+# Classes a config may name; nothing else is ever imported from a config.
 MEMBER_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 
 MemberSpec = Union[str, os.PathLike, nn.Module, Dict[str, Any]]
@@ -80,3 +82,58 @@ def load_member(
         **{key: value for key, value in load_kwargs.items() if key not in hub_kwargs},
     )  # fmt: skip
     return unet, _scheduler_config(source, subfolder, hub_kwargs)
+
+
+def member_source(member: MemberSpec) -> Optional[Dict[str, Any]]:
+    """Where a member came from, as recorded in reference-only fusion configs (`None` for a module)."""
+    if isinstance(member, nn.Module):
+        return None
+    if isinstance(member, (str, os.PathLike)):
+        member = {"pretrained_model_name_or_path": os.fspath(member)}
+    keys = ("pretrained_model_name_or_path", "subfolder", "revision", "variant")
+    return {key: member.get(key) for key in keys}
+
+
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def load_member_text_encoder(
+    member: MemberSpec, reference: Optional[nn.Module], **load_kwargs: Any
+) -> Optional[nn.Module]:
+    """A member's own text encoder: the `text_encoder/` beside its `unet/`, if it differs from `reference`.
+
+    Only members given as pipeline folders or repos can bring one; `None` when absent or equal to `reference`.
+    """
+    if isinstance(member, nn.Module):
+        return None
+    spec = {"pretrained_model_name_or_path": os.fspath(member)} if isinstance(member, (str, os.PathLike)) else member
+    source = spec["pretrained_model_name_or_path"]
+    hub_kwargs = {key: load_kwargs[key] for key in ("cache_dir", "token", "local_files_only") if key in load_kwargs}
+    if spec.get("revision") is not None:
+        hub_kwargs["revision"] = spec["revision"]
+    unet_subfolder = _member_location(source, spec.get("subfolder"), hub_kwargs)
+    if unet_subfolder is None or os.path.basename(unet_subfolder.rstrip("/")) != "unet":
+        return None
+    subfolder = os.path.join(os.path.dirname(unet_subfolder.rstrip("/")), "text_encoder").lstrip("/")
+    try:
+        config = transformers.PretrainedConfig.get_config_dict(source, subfolder=subfolder, **hub_kwargs)[0]
+    except EnvironmentError:
+        return None
+    class_name = (config.get("architectures") or ["CLIPTextModel"])[0]
+    if class_name not in TEXT_ENCODER_CLASSES:
+        raise ValueError(f"member {source!r} has a text encoder of class {class_name!r}; expected one of {TEXT_ENCODER_CLASSES}")
+    dtype = {"dtype": load_kwargs["torch_dtype"]} if load_kwargs.get("torch_dtype") is not None else {}
+    encoder = getattr(transformers, class_name).from_pretrained(
+        source, subfolder=subfolder, use_safetensors=not load_kwargs.get("allow_pickle", False), **hub_kwargs, **dtype
+    )
+    return None if reference is not None and same_weights(encoder, reference) else encoder
+
+
+def same_weights(module: nn.Module, other: nn.Module) -> bool:
+    """True when two modules have the same class, parameter names and exactly equal values."""
+    if type(module) is not type(other):
+        return False
+    mine, theirs = module.state_dict(), other.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        mine[key].shape == theirs[key].shape and torch.equal(mine[key].cpu(), theirs[key].cpu()) for key in mine
+    )

@@ -9,17 +9,31 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from .fitting import FitResult, encode_for_fitting, fit_weights
 from .fusion_utils import WeightsLike
-from .loading_utils import MemberSpec, load_member
+from .loading_utils import MemberSpec, load_member, load_member_text_encoder, member_source
 from .modeling_fused_unet import FusedUNet, check_scheduler_matches
 from .serialization import atomic_directory
 
 
 def build_fused_unet(
-    unets: Sequence[MemberSpec], weights: Optional[WeightsLike] = None, allow_pickle: bool = False, **load_kwargs: Any
+    unets: Sequence[MemberSpec],
+    weights: Optional[WeightsLike] = None,
+    allow_pickle: bool = False,
+    base_text_encoder: Optional[torch.nn.Module] = None,
+    **load_kwargs: Any,
 ) -> FusedUNet:
-    """A `FusedUNet` from modules, local folders or Hub ids; members from pipeline folders bring their scheduler."""
+    """A `FusedUNet` from modules, local folders or Hub ids.
+
+    Members given as pipeline folders or repos bring their scheduler (its noise schedule and prediction type) and,
+    when `base_text_encoder` is given and theirs differs from it, their own text encoder.
+    """
     members, schedulers = zip(*(load_member(unet, allow_pickle=allow_pickle, **load_kwargs) for unet in unets))
+    encoders = None
+    if base_text_encoder is not None:
+        encoders = [load_member_text_encoder(unet, base_text_encoder, allow_pickle=allow_pickle, **load_kwargs)
+                    for unet in unets]  # fmt: skip
+        encoders = encoders if any(encoder is not None for encoder in encoders) else None
     declared = [s is not None for s in schedulers]
     member_schedulers = list(schedulers) if all(declared) else None
     if any(declared) and not all(declared):
@@ -28,7 +42,9 @@ def build_fused_unet(
             f"members {missing} come without a scheduler config while others have one: give every member as a "
             "pipeline folder (with scheduler/), or none, so their noise schedules can be compared"
         )
-    return FusedUNet(list(members), weights=weights, member_schedulers=member_schedulers)
+    fused = FusedUNet(list(members), weights=weights, member_schedulers=member_schedulers, member_text_encoders=encoders)
+    fused.member_sources = [member_source(unet) for unet in unets]
+    return fused
 
 
 class ScoreFusionPipeline(StableDiffusionPipeline):
@@ -104,8 +120,52 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
         if "unet" in kwargs:
             raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
         member_kwargs = {key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs}
-        kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle, **member_kwargs)
+        if "text_encoder" not in kwargs:  # load it first: members whose own encoder equals it share it
+            dtype = {"dtype": kwargs["torch_dtype"]} if kwargs.get("torch_dtype") is not None else {}
+            kwargs["text_encoder"] = CLIPTextModel.from_pretrained(
+                pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=not allow_pickle,
+                revision=kwargs.get("revision"), **{k: v for k, v in member_kwargs.items() if k != "torch_dtype"}, **dtype,
+            )  # fmt: skip
+        kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle,
+                                          base_text_encoder=kwargs["text_encoder"], **member_kwargs)  # fmt: skip
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def encode_prompt(
+        self,
+        prompt: Any,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: Any = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        lora_scale: Optional[float] = None,
+        clip_skip: Optional[int] = None,
+    ):
+        r"""
+        `StableDiffusionPipeline.encode_prompt`, once per distinct text encoder of the fusion.
+
+        When members have their own text encoders (`unet.text_encoders`), the encodings by the pipeline's encoder and
+        by each member encoder are concatenated along the last dimension; `FusedUNet` hands each member its block.
+        """
+        args = (device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt)
+        base = super().encode_prompt(prompt, *args, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                     lora_scale=lora_scale, clip_skip=clip_skip)  # fmt: skip
+        if self.unet.num_encoder_slots == 1:
+            return base
+        if prompt is None or prompt_embeds is not None or negative_prompt_embeds is not None:
+            raise ValueError("members have their own text encoders: pass the prompt as text, not prompt_embeds")
+        encodings = [base]
+        pipeline_encoder = self.text_encoder
+        try:
+            for encoder in self.unet.text_encoders:
+                object.__setattr__(self, "text_encoder", encoder)  # this call only; the registered component is unchanged
+                encodings.append(super().encode_prompt(prompt, *args, lora_scale=lora_scale, clip_skip=clip_skip))
+        finally:
+            object.__setattr__(self, "text_encoder", pipeline_encoder)
+        positive = torch.cat([encoding[0] for encoding in encodings], dim=-1)
+        negative = torch.cat([encoding[1] for encoding in encodings], dim=-1) if do_classifier_free_guidance else None
+        return positive, negative
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
         """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
@@ -130,3 +190,27 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
         check_scheduler_matches(self.unet, self.scheduler)
         with self.unet.override_weights(fusion_weights):
             return super().__call__(*args, **kwargs)
+
+    def fit_weights(
+        self,
+        images: Any,
+        prompts: Union[str, Sequence[str]],
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        **options: Any,
+    ) -> FitResult:
+        r"""
+        Fits the fusion weights to target images and their captions, and sets them on `self.unet` (see [`fit_weights`]).
+
+        Args:
+            images (PIL images, numpy arrays or tensors): the target images, all of one size; pixel values in [0, 1]
+                (tensors in [-1, 1] are also accepted), as for `VaeImageProcessor.preprocess`.
+            prompts (`str` or `list[str]`): one caption per image, or one for all.
+            height, width (`int`, *optional*): resize to this size first (default: the images' size).
+            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...).
+
+        Latents are the VAE posterior means times `vae.config.scaling_factor`; prompts are encoded without
+        classifier-free guidance. The noise schedule is `self.scheduler`'s.
+        """
+        latents, prompt_embeds = encode_for_fitting(self, images, prompts, height=height, width=width)
+        return fit_weights(self.unet, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **options)

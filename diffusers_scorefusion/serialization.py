@@ -17,13 +17,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import transformers
 from torch import nn
 
-from .loading_utils import load_member
+from .loading_utils import TEXT_ENCODER_CLASSES, load_member, load_member_text_encoder
 from .modeling_fused_unet import INTERFACE_KEYS, FusedUNet
 
 CONFIG_NAME = "config.json"
 MEMBER_FOLDER = "member_{}"
 TEXT_ENCODER_FOLDER = "text_encoder_{}"
-TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 SOURCE_KEYS = ("pretrained_model_name_or_path", "subfolder", "revision", "variant")
 FUSION_KEYS = {
     "num_members": int,
@@ -108,10 +107,14 @@ def save_fused_unet(
             entry.update(pretrained_model_name_or_path=None, subfolder=MEMBER_FOLDER.format(i), revision=None,
                          variant=variant)  # fmt: skip
         members.append(entry)
-    if reference_only and len(fused.text_encoders) > 0:
-        raise ValueError("reference_only=True does not support members with their own text encoders; save self-contained")
-    text_encoders = [{"subfolder": TEXT_ENCODER_FOLDER.format(j + 1), "class_name": type(encoder).__name__}
-                     for j, encoder in enumerate(fused.text_encoders)]  # fmt: skip
+    text_encoders = []
+    for j, encoder in enumerate(fused.text_encoders):
+        entry = {"class_name": type(encoder).__name__}
+        if reference_only:  # the encoder beside the first member that uses it (its pipeline folder or repo)
+            entry["member"] = fused.config.member_encoder_slots.index(j + 1)
+        else:
+            entry["subfolder"] = TEXT_ENCODER_FOLDER.format(j + 1)
+        text_encoders.append(entry)
     config = {**dict(fused.config), "members": members, "text_encoders": text_encoders, "_class_name": "FusedUNet"}
     with atomic_directory(save_directory) as staging:
         if not reference_only:
@@ -162,13 +165,29 @@ def _join(*parts: Optional[str]) -> Optional[str]:
     return "/".join(parts) if parts else None
 
 
-def _load_text_encoder(source: str, subfolder: str, entry: Dict[str, Any], hub_kwargs: Dict[str, Any], torch_dtype):
+def _load_text_encoder(
+    entry: Dict[str, Any], source: str, subfolder: Optional[str], member_specs: List[Dict[str, Any]],
+    hub_kwargs: Dict[str, Any], torch_dtype: Any, allow_pickle: bool,
+) -> nn.Module:
     class_name = entry.get("class_name")
     if class_name not in TEXT_ENCODER_CLASSES:
-        raise ValueError(f"text encoder {subfolder!r} is a {class_name!r}; expected one of {TEXT_ENCODER_CLASSES}")
-    model_class = getattr(transformers, class_name)
+        raise ValueError(f"text encoder entry {entry!r} names class {class_name!r}; expected one of {TEXT_ENCODER_CLASSES}")
+    if "member" in entry:  # reference-only: beside that member's unet/
+        if not isinstance(entry["member"], int) or not 0 <= entry["member"] < len(member_specs):
+            raise ValueError(f"text encoder entry {entry!r} must name a member index below {len(member_specs)}")
+        hub = {key: value for key, value in hub_kwargs.items() if key != "revision"}
+        encoder = load_member_text_encoder(member_specs[entry["member"]], None, torch_dtype=torch_dtype,
+                                           allow_pickle=allow_pickle, **hub)  # fmt: skip
+        if encoder is None:
+            raise ValueError(f"member {entry['member']} ({member_specs[entry['member']]}) has no text_encoder/ folder")
+        return encoder
+    if not isinstance(entry.get("subfolder"), str):
+        raise ValueError(f"text encoder entry {entry!r} needs a 'subfolder' or a 'member'")
     dtype_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    return model_class.from_pretrained(source, subfolder=subfolder, use_safetensors=True, **hub_kwargs, **dtype_kwargs)
+    return getattr(transformers, class_name).from_pretrained(
+        source, subfolder=_join(subfolder, entry["subfolder"]), use_safetensors=not allow_pickle, **hub_kwargs,
+        **dtype_kwargs,
+    )
 
 
 def load_fused_unet(
@@ -203,6 +222,7 @@ def load_fused_unet(
     member_kwargs = {key: kwargs[key] for key in FORWARDED_LOAD_KWARGS if key in kwargs and key not in hub_kwargs}
     members: List[nn.Module] = []
     sources: List[Optional[Dict[str, Any]]] = []
+    specs: List[Dict[str, Any]] = []
     for i, entry in enumerate(config["members"]):
         if entry.get("pretrained_model_name_or_path"):  # reference-only: an external repo or path
             spec = {key: entry.get(key) for key in SOURCE_KEYS}
@@ -211,8 +231,7 @@ def load_fused_unet(
             spec = {"pretrained_model_name_or_path": source, "subfolder": _join(subfolder, entry.get("subfolder")),
                     "revision": revision, "variant": variant if variant is not None else entry.get("variant")}  # fmt: skip
             sources.append(None)
-        if spec.get("subfolder") is None:
-            spec["subfolder"] = ""
+        specs.append(spec)
         if device_maps[i] is not None:
             member_kwargs["device_map"] = device_maps[i]
         else:
@@ -224,7 +243,7 @@ def load_fused_unet(
             raise ValueError(f"could not load member {i} from {spec}{hint}: {error}") from error
         _check_member_config(i, unet, entry["config"])
         members.append(unet)
-    encoders = [_load_text_encoder(source, _join(subfolder, entry["subfolder"]), entry, hub_kwargs, kwargs.get("torch_dtype"))
+    encoders = [_load_text_encoder(entry, source, subfolder, specs, hub_kwargs, kwargs.get("torch_dtype"), allow_pickle)
                 for entry in config["text_encoders"]]  # fmt: skip
     slots = config["member_encoder_slots"]
     fused = FusedUNet(
