@@ -1,0 +1,247 @@
+"""`LoraMember`: one LoRA fine-tune as a fusion member that shares its base UNet with the other members.
+
+k LoRA fine-tunes of one base model cost one base UNet plus k adapters: each member holds a reference to the same
+base (with every adapter loaded through Diffusers' PEFT integration) and activates its own adapter before it runs.
+"""
+
+import os
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from torch import nn
+
+LoraSpec = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+
+# Prefixes of a Diffusers pipeline-format LoRA file (`pytorch_lora_weights.safetensors`).
+UNET_PREFIX = "unet"
+TEXT_ENCODER_PREFIXES = ("text_encoder", "text_encoder_2", "te", "te1", "te2")
+
+
+class LoraMember(nn.Module):
+    r"""
+    A fusion member that runs a shared base UNet with one of its LoRA adapters active.
+
+    Several `LoraMember`s hold the same `base`: `FusedUNet.parameters()` counts its weights once, and moving the fusion
+    (`.to(device)`, `.to(dtype)`, model CPU offload) moves the one base. The base's active adapter is left at the
+    last member that ran.
+
+    Args:
+        base (`UNet2DConditionModel`):
+            The shared base UNet, with the adapter `adapter_name` loaded (`load_lora_adapter`).
+        adapter_name (`str`):
+            The adapter this member activates.
+    """
+
+    def __init__(self, base: nn.Module, adapter_name: str):
+        super().__init__()
+        if not hasattr(base, "set_adapter") or not hasattr(base, "config"):
+            raise TypeError(f"base must be a Diffusers model with PEFT adapters (e.g. UNet2DConditionModel), got {type(base).__name__}")
+        loaded = list(getattr(base, "peft_config", {}))
+        if adapter_name not in loaded:
+            raise ValueError(f"adapter {adapter_name!r} is not loaded in the base UNet; loaded adapters: {loaded}")
+        self.base = base
+        self.adapter_name = adapter_name
+
+    @property
+    def config(self) -> Any:
+        """The base UNet's config."""
+        return self.base.config
+
+    def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], *args: Any, **kwargs: Any) -> Any:
+        """Activates this member's adapter and runs the base UNet (`UNet2DConditionModel.forward` arguments)."""
+        self.base.set_adapter(self.adapter_name)
+        return self.base(sample, timestep, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- the adapter
+    def lora_state_dict(self) -> Dict[str, torch.Tensor]:
+        """This adapter's weights with PEFT keys and no adapter name (`down_blocks.1...to_q.lora_A.weight`)."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.base, adapter_name=self.adapter_name)
+
+    def lora_metadata(self) -> Dict[str, Any]:
+        """This adapter's `LoraConfig` as a JSON-serialisable dict (rank, alpha, target modules, patterns)."""
+        config = self.base.peft_config[self.adapter_name].to_dict()
+        return {key: (sorted(value) if isinstance(value, set) else value) for key, value in config.items()}
+
+    def save_lora_weights(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Writes this adapter as a Diffusers LoRA folder (`pytorch_lora_weights.safetensors`, keys `unet.*`).
+
+        The folder loads with `FusedUNet.from_lora`, `pipe.load_lora_weights` and `unet.load_lora_adapter(..., prefix="unet")`.
+        """
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory, unet_lora_layers=self.lora_state_dict(), unet_lora_adapter_metadata=self.lora_metadata()
+        )
+
+    # ----------------------------------------------------------------------------------------------- UNet helpers
+    @property
+    def add_embedding(self) -> nn.Module:
+        return self.base.add_embedding
+
+    @property
+    def encoder_hid_proj(self) -> Optional[nn.Module]:
+        return getattr(self.base, "encoder_hid_proj", None)
+
+    @property
+    def attn_processors(self) -> Dict[str, Any]:
+        return self.base.attn_processors
+
+    def set_attn_processor(self, processor: Any) -> None:
+        self.base.set_attn_processor(processor)
+
+    def set_default_attn_processor(self) -> None:
+        self.base.set_default_attn_processor()
+
+    def set_attention_slice(self, slice_size: Union[str, int, List[int]] = "auto") -> None:
+        self.base.set_attention_slice(slice_size)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        self.base.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        self.base.disable_freeu()
+
+    def enable_forward_chunking(self, chunk_size: Optional[int] = None, dim: int = 0) -> None:
+        self.base.enable_forward_chunking(chunk_size=chunk_size, dim=dim)
+
+    def disable_forward_chunking(self) -> None:
+        self.base.disable_forward_chunking()
+
+
+def _describe(lora: LoraSpec) -> str:
+    return f"state dict with {len(lora)} tensors" if isinstance(lora, Mapping) else repr(os.fspath(lora))
+
+
+def fetch_lora_state_dict(
+    lora: LoraSpec, allow_pickle: bool = False, **hub_kwargs: Any
+) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, float]], Optional[Dict[str, Any]]]:
+    """Reads a LoRA (folder, `.safetensors` file, Hub repo id or state dict) with Diffusers' LoRA reader.
+
+    Returns `(state_dict, network_alphas, metadata)` as `StableDiffusionXLLoraLoaderMixin.lora_state_dict` gives them
+    (Kohya / A1111 keys converted to Diffusers'). Pickle files (`.bin`) are read only with `allow_pickle=True`.
+    """
+    kwargs: Dict[str, Any] = dict(hub_kwargs)
+    if isinstance(lora, Mapping):
+        bad = [key for key, value in lora.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+        if bad or not lora:
+            raise ValueError(f"a LoRA state dict must map names to tensors and not be empty; bad entries: {bad[:3]}")
+        source = dict(lora)
+    elif isinstance(lora, (str, os.PathLike)):
+        source = os.fspath(lora)
+        if os.path.isfile(source):
+            source, kwargs["weight_name"] = os.path.split(source)
+            if not kwargs["weight_name"].endswith(".safetensors") and not allow_pickle:
+                raise ValueError(f"LoRA file {lora!r} is not a .safetensors file; pass allow_pickle=True if you trust it")
+        elif not os.path.isdir(source):
+            try:
+                validate_repo_id(source)
+            except HFValidationError as error:
+                raise ValueError(f"LoRA {source!r} is neither a local folder or file nor a Hub repo id") from error
+    else:
+        raise TypeError(f"a LoRA must be a folder, file, Hub repo id or state dict, got {type(lora).__name__}")
+    # `use_safetensors=None` lets Diffusers fall back to pickle files; `True` reads safetensors only.
+    kwargs["use_safetensors"] = None if allow_pickle else True
+    try:
+        state_dict, network_alphas, metadata = StableDiffusionXLLoraLoaderMixin.lora_state_dict(
+            source, return_lora_metadata=True, **kwargs
+        )
+    except (OSError, ValueError) as error:
+        hint = "" if allow_pickle else " (only .safetensors files are read unless allow_pickle=True)"
+        raise ValueError(f"could not read LoRA {_describe(lora)}{hint}: {error}") from error
+    return dict(state_dict), network_alphas, metadata
+
+
+def _unet_part(state_dict: Dict[str, torch.Tensor], metadata: Optional[Dict[str, Any]], name: str):
+    """The UNet keys (PEFT names) and metadata with a `unet.` prefix; a LoRA that also adapts a text encoder is refused."""
+    prefixes = {key.split(".", 1)[0] for key in state_dict}
+    text_encoder = sorted(prefixes & set(TEXT_ENCODER_PREFIXES))
+    if text_encoder:
+        raise ValueError(
+            f"LoRA {name} also adapts {text_encoder}: a fusion member can only change the UNet; keep the LoRA's "
+            "`unet.*` keys only (the text encoders are shared by all members)"
+        )
+    if UNET_PREFIX not in prefixes:  # adapter format (`unet.save_lora_adapter`): keys and metadata without prefix
+        state_dict = {f"{UNET_PREFIX}.{key}": value for key, value in state_dict.items()}
+        if metadata is not None and not any(key.startswith(f"{UNET_PREFIX}.") for key in metadata):
+            metadata = {f"{UNET_PREFIX}.{key}": value for key, value in metadata.items()}
+    elif prefixes != {UNET_PREFIX}:
+        raise ValueError(f"LoRA {name} mixes `unet.` keys with keys starting {sorted(prefixes - {UNET_PREFIX})}")
+    # Every key to PEFT names (`lora.down` -> `lora_A`); Diffusers converts only if the first key needs it.
+    return convert_unet_state_dict_to_peft(state_dict), metadata
+
+
+def _check_targets(base: nn.Module, state_dict: Dict[str, torch.Tensor], name: str) -> None:
+    """Refuses a LoRA whose target modules the base lacks, or whose shapes do not fit them."""
+    peft_keys = {key[len(UNET_PREFIX) + 1:]: value for key, value in state_dict.items()}
+    modules = dict(base.named_modules())
+    missing, mismatched = set(), []
+    for key, value in peft_keys.items():
+        if ".lora_" not in key:
+            raise ValueError(f"LoRA {name} holds {key!r}, which is not a LoRA weight (expected `<module>.lora_A.weight`-style keys)")
+        module_name, part = key.rsplit(".lora_", 1)
+        module = modules.get(module_name)
+        layer = getattr(module, "base_layer", module)  # a module another adapter already wraps
+        if module is None or not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            missing.add(module_name)
+            continue
+        expected = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        actual = value.shape[1] if part.startswith("A.") else None
+        if part.startswith("B.weight"):
+            expected, actual = (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels), value.shape[0]
+        if actual is not None and actual != expected:
+            mismatched.append(f"{key}: {actual} vs {expected}")
+    if missing:
+        raise ValueError(f"LoRA {name} targets {len(missing)} modules the base UNet lacks (or are not Linear/Conv2d), e.g. {sorted(missing)[:3]}")
+    if mismatched:
+        raise ValueError(f"LoRA {name} does not fit the base UNet (LoRA size vs layer size): {mismatched[:3]}")
+
+
+def load_lora_members(
+    base_unet: nn.Module,
+    loras: Sequence[LoraSpec],
+    adapter_names: Optional[Sequence[str]] = None,
+    allow_pickle: bool = False,
+    **hub_kwargs: Any,
+) -> List[LoraMember]:
+    """Loads each LoRA into `base_unet` (in place) as its own adapter and returns one `LoraMember` per LoRA.
+
+    Every LoRA is read and checked before any is loaded; if loading one fails, the adapters loaded so far are removed.
+    """
+    if not hasattr(base_unet, "load_lora_adapter"):
+        raise TypeError(f"base_unet must be a Diffusers UNet with LoRA support (UNet2DConditionModel), got {type(base_unet).__name__}")
+    if isinstance(loras, (str, os.PathLike, Mapping)) or len(loras) == 0:
+        raise ValueError(f"loras must be a non-empty list of LoRAs (one per member), got {loras!r:.200}")
+    names = [f"member_{i}" for i in range(len(loras))] if adapter_names is None else list(adapter_names)
+    if len(names) != len(loras) or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"adapter_names must be {len(loras)} distinct non-empty strings, got {names}")
+    taken = sorted(set(names) & set(getattr(base_unet, "peft_config", {})))
+    if taken:
+        raise ValueError(f"adapter names {taken} are already loaded in base_unet; pass other adapter_names")
+    prepared = []
+    for i, lora in enumerate(loras):
+        label = f"{i} ({_describe(lora)})"
+        state_dict, network_alphas, metadata = fetch_lora_state_dict(lora, allow_pickle=allow_pickle, **hub_kwargs)
+        state_dict, metadata = _unet_part(state_dict, metadata, label)
+        _check_targets(base_unet, state_dict, label)
+        prepared.append((label, state_dict, network_alphas, metadata))
+    loaded = []
+    try:
+        for name, (label, state_dict, network_alphas, metadata) in zip(names, prepared):
+            try:
+                with warnings.catch_warnings():  # several adapters in one model is the point here
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    base_unet.load_lora_adapter(state_dict, prefix=UNET_PREFIX, network_alphas=network_alphas,
+                                                metadata=metadata, adapter_name=name)  # fmt: skip
+            except (RuntimeError, KeyError) as error:
+                raise ValueError(f"LoRA {label} could not be loaded into the base UNet: {error}") from error
+            loaded.append(name)
+    except Exception:
+        if loaded:
+            base_unet.delete_adapters(loaded)
+        raise
+    return [LoraMember(base_unet, name) for name in names]
