@@ -76,11 +76,18 @@ def load_member(
     if class_name not in MEMBER_CLASSES:
         raise ValueError(f"member {source!r} is a {class_name!r}; expected one of {MEMBER_CLASSES}")
     model_class = getattr(diffusers, class_name)
-    load_kwargs.setdefault("use_safetensors", not allow_pickle)
-    unet = model_class.from_pretrained(
-        source, subfolder=subfolder, variant=member.get("variant"), **hub_kwargs,
-        **{key: value for key, value in load_kwargs.items() if key not in hub_kwargs},
-    )  # fmt: skip
+    load_kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+    try:
+        unet = model_class.from_pretrained(
+            source, subfolder=subfolder, variant=member.get("variant"), **hub_kwargs,
+            **{key: value for key, value in load_kwargs.items() if key not in hub_kwargs},
+        )  # fmt: skip
+    except EnvironmentError as error:
+        hint = "" if allow_pickle else (
+            " If it holds only pickle weights (.bin/.ckpt), pass allow_pickle=True to load them (this unpickles: "
+            "only for sources you trust)."
+        )  # fmt: skip
+        raise ValueError(f"could not load the UNet of {source!r} (subfolder={subfolder!r}): {error}{hint}") from error
     return unet, _scheduler_config(source, subfolder, hub_kwargs)
 
 
@@ -124,7 +131,7 @@ def load_member_text_encoder(
         raise ValueError(f"member {source!r} has a text encoder of class {class_name!r}; expected one of {TEXT_ENCODER_CLASSES}")
     dtype = {"dtype": load_kwargs["torch_dtype"]} if load_kwargs.get("torch_dtype") is not None else {}
     encoder = getattr(transformers, class_name).from_pretrained(
-        source, subfolder=subfolder, use_safetensors=not load_kwargs.get("allow_pickle", False), **hub_kwargs, **dtype
+        source, subfolder=subfolder, use_safetensors=None if load_kwargs.get("allow_pickle") else True, **hub_kwargs, **dtype
     )
     return None if reference is not None and same_weights(encoder, reference) else encoder
 

@@ -123,7 +123,7 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
         if "text_encoder" not in kwargs:  # load it first: members whose own encoder equals it share it
             dtype = {"dtype": kwargs["torch_dtype"]} if kwargs.get("torch_dtype") is not None else {}
             kwargs["text_encoder"] = CLIPTextModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=not allow_pickle,
+                pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=None if allow_pickle else True,
                 revision=kwargs.get("revision"), **{k: v for k, v in member_kwargs.items() if k != "torch_dtype"}, **dtype,
             )  # fmt: skip
         kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle,

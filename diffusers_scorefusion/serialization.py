@@ -185,7 +185,7 @@ def _load_text_encoder(
         raise ValueError(f"text encoder entry {entry!r} needs a 'subfolder' or a 'member'")
     dtype_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     return getattr(transformers, class_name).from_pretrained(
-        source, subfolder=_join(subfolder, entry["subfolder"]), use_safetensors=not allow_pickle, **hub_kwargs,
+        source, subfolder=_join(subfolder, entry["subfolder"]), use_safetensors=None if allow_pickle else True, **hub_kwargs,
         **dtype_kwargs,
     )
 
@@ -239,8 +239,7 @@ def load_fused_unet(
         try:
             unet, _ = load_member(spec, allow_pickle=allow_pickle, **member_kwargs, **hub_kwargs)
         except (EnvironmentError, ValueError, RuntimeError) as error:
-            hint = " (it may hold only pickle weights: pass allow_pickle=True to load them)" if not allow_pickle else ""
-            raise ValueError(f"could not load member {i} from {spec}{hint}: {error}") from error
+            raise ValueError(f"could not load member {i} from {spec}: {error}") from error
         _check_member_config(i, unet, entry["config"])
         members.append(unet)
     encoders = [_load_text_encoder(entry, source, subfolder, specs, hub_kwargs, kwargs.get("torch_dtype"), allow_pickle)
