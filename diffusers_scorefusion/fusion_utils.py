@@ -124,6 +124,26 @@ def combine_predictions(predictions: Sequence[torch.Tensor], weights: torch.Tens
     return fused.to(out_dtype)
 
 
+def denoising_target(
+    sample: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What a perfect model predicts for ``x_t = alpha_t x0 + sigma_t eps``: ``eps``, ``v = alpha_t eps - sigma_t x0`` or ``x0``.
+
+    ``sample`` is the clean ``x0`` `(B, ...)`, ``alpha_t`` and ``sigma_t`` have shape `(B,)`; returns float64.
+    The ``v_prediction`` target equals Diffusers' ``scheduler.get_velocity(x0, noise, t)``.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type == "epsilon":
+        return noise.to(torch.float64)
+    if prediction_type == "sample":
+        return sample.to(torch.float64)
+    shape = (-1,) + (1,) * (sample.ndim - 1)
+    alpha = alpha_t.to(sample.device, torch.float64).reshape(shape)  # (B, 1, 1, 1)
+    sigma = sigma_t.to(sample.device, torch.float64).reshape(shape)
+    return alpha * noise.to(torch.float64) - sigma * sample.to(torch.float64)
+
+
 def loss_weighting(
     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, weighting: str = "uniform", snr_gamma: float = 5.0
 ) -> torch.Tensor:

@@ -1,0 +1,429 @@
+"""Learning the fusion weights from a few target samples by denoising score matching (Liu et al., AISTATS 2025).
+
+The loss ``L(lambda) = E w(t) || sum_i lambda_i eps_i(x_t, t) - eps ||^2`` is the quadratic
+``lambda^T G lambda - 2 b^T lambda + c``: one pass over the data accumulates ``G``, ``b``, ``c`` and the simplex QP is
+solved exactly. ``method="sgd"`` is the paper's reference procedure (softmax logits, SGD with momentum).
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+from tqdm.auto import tqdm
+
+from .fitting_utils import (
+    check_options,
+    check_tensor,
+    noised_batches,
+    reduce_sum,
+    resolve_timestep_range,
+    shared_seed,
+)
+from .fusion_utils import quadratic_loss, solve_simplex_qp
+from .modeling_fused_unet import FusedUNet, check_scheduler_matches
+
+METHODS = ("exact", "sgd")
+
+
+@dataclass
+class FitResult(BaseOutput):
+    r"""
+    Output of [`fit_weights`].
+
+    Args:
+        weights (`torch.Tensor`): the fitted weights, float64, shape `(k,)` or `(num_bins, k)`; on the simplex.
+        loss (`float`): the score-matching loss at `weights` on the fitting data (the quadratic below).
+        per_model_loss (`torch.Tensor`): the loss of each member alone (one-hot weights), shape `(k,)`.
+        num_forward_passes (`int`): member forward calls (each member on each batch counts once).
+        standard_errors (`torch.Tensor` or `None`): bootstrap standard error of each weight (shape of `weights`);
+            `None` for `method="sgd"`, `num_bootstrap=0` or fewer than 2 samples.
+        timestep_bin_edges (`list[float]` or `None`): bin edges when `num_timestep_bins > 1`.
+        gram, linear, constant (`torch.Tensor`): the accumulated quadratic ``G``, ``b``, ``c`` (float64 means over
+            noised samples), shapes `(k, k)`, `(k,)`, `()`, or with a leading `num_bins` dimension when binned.
+        provenance (`dict`): how the weights were obtained (JSON-serialisable); saved with the fusion.
+    """
+
+    weights: torch.Tensor
+    loss: float
+    per_model_loss: torch.Tensor
+    num_forward_passes: int
+    standard_errors: Optional[torch.Tensor]
+    timestep_bin_edges: Optional[List[float]]
+    gram: torch.Tensor
+    linear: torch.Tensor
+    constant: torch.Tensor
+    provenance: Dict[str, Any]
+
+
+def _data_fingerprint(tensors: Sequence[Optional[torch.Tensor]]) -> str:
+    """sha256 of the tensors' shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(data.shape)}|{data.dtype}|".encode())
+        digest.update(data.flatten().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _zero_sums(num_samples: int, num_bins: int, num_members: int) -> Dict[str, torch.Tensor]:
+    shapes = dict(gram=(num_members, num_members), linear=(num_members,), constant=(), count=())
+    return {name: torch.zeros((num_samples, num_bins) + shape, dtype=torch.float64) for name, shape in shapes.items()}
+
+
+def _accumulate(sums: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]) -> None:
+    """Adds a batch's per-row terms to the per-(sample, bin) sums."""
+    num_samples, num_bins = sums["count"].shape
+    flat = batch["sample_index"] * num_bins + batch["bin"]  # (B,)
+    for name in ("gram", "linear", "constant"):
+        sums[name].view((num_samples * num_bins,) + sums[name].shape[2:]).index_add_(0, flat, batch[name])
+    sums["count"].view(-1).index_add_(0, flat, torch.ones_like(batch["constant"]))
+
+
+def _solve_bins(gram: torch.Tensor, linear: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Exact QP per bin from summed terms `(nb, k, k)`, `(nb, k)`, counts `(nb,)`; returns `(nb, k)`."""
+    empty = (count == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"timestep bins {empty} received no noised samples; use fewer num_timestep_bins or more num_noise_draws"
+        )
+    return torch.stack([solve_simplex_qp(gram[i] / count[i], linear[i] / count[i]) for i in range(count.numel())])
+
+
+def _bootstrap_standard_errors(
+    sums: Dict[str, torch.Tensor], num_bootstrap: int, seed: int
+) -> Optional[torch.Tensor]:
+    """Standard error of the exact weights under resampling target samples with replacement, `(nb, k)`."""
+    num_samples = sums["count"].shape[0]
+    if num_bootstrap == 0 or num_samples < 2:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    replicates = []
+    for _ in range(num_bootstrap):
+        draw = torch.randint(num_samples, (num_samples,), generator=generator)
+        multiplicity = torch.bincount(draw, minlength=num_samples).to(torch.float64)  # (N,)
+        count = multiplicity @ sums["count"]  # (nb,)
+        if (count == 0).any():  # a bin without data in this resample: the weights are undefined there
+            continue
+        gram = torch.einsum("n,nbij->bij", multiplicity, sums["gram"])
+        linear = torch.einsum("n,nbi->bi", multiplicity, sums["linear"])
+        replicates.append(_solve_bins(gram, linear, count))
+    if len(replicates) < 2:
+        return None
+    return torch.stack(replicates).std(dim=0)
+
+
+def _sgd(
+    batches: Callable[[], Iterator[Dict[str, torch.Tensor]]],
+    num_members: int,
+    sums: Dict[str, torch.Tensor],
+    options: Dict[str, Any],
+    progress: Optional[tqdm],
+) -> Tuple[torch.Tensor, int]:
+    """The paper's reference procedure: lambda = softmax(logits), minibatch SGD with momentum on the DSM loss.
+
+    The minibatch loss ``|| sum_i lambda_i eps_i - eps ||^2`` equals the quadratic of the batch's ``G``, ``b``, ``c``,
+    so its gradient is the one backpropagation through the combined prediction gives. Every epoch runs the members
+    again on the same noised samples (the same finite-sample loss as the exact method); the first fills `sums`.
+    """
+    logits = torch.zeros(num_members, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=options["learning_rate"], momentum=options["momentum"])
+    num_forward_passes = 0
+    for epoch in range(options["num_epochs"]):
+        for batch in batches():
+            num_forward_passes += num_members
+            if epoch == 0:
+                _accumulate(sums, batch)
+            loss = quadratic_loss(
+                torch.softmax(logits, 0), batch["gram"].mean(0), batch["linear"].mean(0), batch["constant"].mean(0)
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if progress is not None:
+            progress.update(1)
+        if options["callback"] is not None:
+            options["callback"](epoch, torch.softmax(logits, 0).detach(), num_forward_passes)
+    return torch.softmax(logits, 0).detach().unsqueeze(0), num_forward_passes
+
+
+def fit_weights(
+    fused: FusedUNet,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    encoder_hidden_states: Optional[torch.Tensor] = None,
+    *,
+    unet_kwargs: Optional[Dict[str, Any]] = None,
+    method: str = "exact",
+    num_noise_draws: int = 8,
+    timestep_range: Union[str, Tuple[int, int]] = "full",
+    weighting: str = "uniform",
+    snr_gamma: float = 5.0,
+    num_timestep_bins: int = 1,
+    batch_size: int = 16,
+    generator: Optional[torch.Generator] = None,
+    num_bootstrap: int = 200,
+    set_weights: bool = True,
+    accelerator: Optional[Any] = None,
+    progress_bar: bool = True,
+    num_epochs: int = 100,
+    learning_rate: float = 0.1,
+    momentum: float = 0.9,
+    callback: Optional[Callable[[int, torch.Tensor, int], None]] = None,
+) -> FitResult:
+    r"""
+    Fits the fusion weights to target samples by denoising score matching, exactly by default.
+
+    For each target sample, `num_noise_draws` timesteps and noises are drawn, the k frozen members run once under
+    `torch.no_grad()`, and ``G = E[w eps_i . eps_j]``, ``b = E[w eps_i . target]``, ``c = E[w |target|^2]`` are
+    accumulated; ``min lambda^T G lambda - 2 b^T lambda`` over the simplex is then solved exactly (members can get
+    weight exactly 0). The target is the noise (`"epsilon"`), the velocity (`"v_prediction"`) or the clean sample
+    (`"sample"`), following `fused.config.prediction_type`.
+
+    Args:
+        fused ([`FusedUNet`]): the members; left unchanged unless `set_weights=True`.
+        noise_scheduler (`SchedulerMixin`): the members' training noise schedule (its `alphas_cumprod`); its
+            `prediction_type` and schedule must match `fused`.
+        latents (`torch.Tensor`): the target samples in model space `(N, C, H, W)` (VAE latents times the scaling
+            factor for Stable Diffusion, pixels in [-1, 1] for a pixel-space model), on `fused`'s device and dtype.
+        encoder_hidden_states (`torch.Tensor`, *optional*): per-sample conditioning `(N, L, D)`; `None` for
+            unconditional members.
+        unet_kwargs (`dict`, *optional*): more member inputs (e.g. SDXL's `added_cond_kwargs`). Tensors (also inside
+            nested dicts) whose first dimension is N are indexed with the samples; other values are passed as is.
+        method (`str`): `"exact"` (one pass and the exact QP) or `"sgd"` (the paper's softmax-logit SGD).
+        num_noise_draws (`int`): noise levels and noises drawn per target sample.
+        timestep_range (`str` or `(int, int)`): `"full"` (the whole schedule, the paper's EMNIST setting),
+            `"small_t"` (timesteps with ``sigma_t <= 0.1``: the barycenter of the clean distributions, the paper's 1-D
+            setting) or inclusive integer bounds `(t_min, t_max)`.
+        weighting (`str`): w(t): `"uniform"`, `"snr"` or `"min_snr"` (with `snr_gamma`).
+        num_timestep_bins (`int`): > 1 fits one weight vector per equal-width timestep bin from the same pass.
+        batch_size (`int`): noised samples per member forward.
+        generator (`torch.Generator`, *optional*): makes the noise reproducible; each sample's draws come from a
+            seed derived from it and the sample's index, so they do not depend on batching or process count.
+        num_bootstrap (`int`): bootstrap replicates over target samples for the standard errors (0 disables).
+        set_weights (`bool`): set the fitted weights (and their provenance) on `fused`.
+        accelerator (`accelerate.Accelerator` or `PartialState`, *optional*): shard samples over processes; the sums
+            are added across processes before the solve, so every process returns the same result.
+        progress_bar (`bool`): show a tqdm progress bar (main process only).
+        num_epochs, learning_rate, momentum (*optional*): `method="sgd"` only (paper: 100, 0.1, 0.9).
+        callback (`Callable[[int, torch.Tensor, int], None]`, *optional*): `method="sgd"` only, called after each
+            epoch with `(epoch, weights, num_forward_passes)`.
+
+    Returns:
+        [`FitResult`]: weights, loss, per-member losses, forward count, standard errors, the quadratic, provenance.
+    """
+    if not isinstance(fused, FusedUNet):
+        raise TypeError(f"fused must be a FusedUNet, got {type(fused).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_scheduler_matches(fused, noise_scheduler)
+    alphas_cumprod = getattr(noise_scheduler, "alphas_cumprod", None)
+    if not isinstance(alphas_cumprod, torch.Tensor):
+        raise TypeError(f"noise_scheduler must have `alphas_cumprod` (a DDPM-family scheduler), got {type(noise_scheduler).__name__}")
+    options = check_options(
+        num_noise_draws=num_noise_draws, weighting=weighting, snr_gamma=snr_gamma, num_timestep_bins=num_timestep_bins,
+        batch_size=batch_size, num_bootstrap=num_bootstrap, num_epochs=num_epochs, learning_rate=learning_rate,
+        momentum=momentum, generator=generator, callback=callback, set_weights=set_weights,
+    )  # fmt: skip
+    num_processes = 1 if accelerator is None else accelerator.num_processes
+    if method == "sgd" and (num_timestep_bins > 1 or num_processes > 1):
+        raise ValueError(
+            f"method='sgd' fits one weight vector on one process; got num_timestep_bins={num_timestep_bins}, "
+            f"{num_processes} processes (use method='exact')"
+        )
+    member_inputs = _member_inputs(fused, latents, encoder_hidden_states, unet_kwargs)
+    t_min, t_max = resolve_timestep_range(timestep_range, alphas_cumprod)
+    if num_timestep_bins > t_max - t_min + 1:
+        raise ValueError(f"num_timestep_bins={num_timestep_bins} exceeds the {t_max - t_min + 1} timesteps in [{t_min}, {t_max}]")
+    bin_edges = torch.linspace(t_min, t_max + 1, num_timestep_bins + 1, dtype=torch.float64)
+
+    seed = shared_seed(generator, accelerator)
+    num_samples, num_members = latents.shape[0], fused.config.num_members
+    process_index = 0 if accelerator is None else accelerator.process_index
+    indices = list(range(process_index, num_samples, num_processes))  # this process's shard
+    is_main = accelerator is None or accelerator.is_main_process
+
+    def batches() -> Iterator[Dict[str, torch.Tensor]]:
+        return noised_batches(fused, alphas_cumprod, latents, member_inputs, indices, seed, (t_min, t_max), bin_edges,
+                              options)  # fmt: skip
+
+    sums = _zero_sums(num_samples, num_timestep_bins, num_members)
+    total = options["num_epochs"] if method == "sgd" else len(indices)
+    progress = tqdm(total=total, desc=f"fit_weights ({method})", disable=not (progress_bar and is_main))
+    with progress:
+        if method == "sgd":
+            weights, num_forward_passes = _sgd(batches, num_members, sums, options, progress)
+        else:
+            num_forward_passes, seen = 0, set()
+            for batch in batches():
+                num_forward_passes += num_members
+                _accumulate(sums, batch)
+                new = set(batch["sample_index"].tolist()) - seen
+                seen |= new
+                progress.update(len(new))
+    sums = {name: reduce_sum(value, accelerator) for name, value in sums.items()}
+    num_forward_passes = int(reduce_sum(torch.tensor([float(num_forward_passes)]), accelerator).item())
+    return _finish(fused, sums, weights if method == "sgd" else None, num_forward_passes, bin_edges, seed, dict(
+        method=method, timestep_range=[t_min, t_max], timestep_range_name=timestep_range if isinstance(timestep_range, str)
+        else None, num_processes=num_processes, latents=latents, member_inputs=member_inputs,
+        **options))  # fmt: skip
+
+
+def _member_inputs(
+    fused: FusedUNet, latents: Any, encoder_hidden_states: Optional[torch.Tensor], unet_kwargs: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """Validates the data and returns the keyword arguments the members get (before per-batch indexing)."""
+    check_tensor(latents, "latents")
+    if latents.ndim < 2 or latents.shape[0] == 0:
+        raise ValueError(f"latents must have shape (N, C, ...) with N >= 1, got shape {tuple(latents.shape)}")
+    if latents.shape[1] != fused.config.in_channels:
+        raise ValueError(f"latents have {latents.shape[1]} channels but the members take in_channels={fused.config.in_channels}")
+    if fused.config.out_channels != fused.config.in_channels:
+        raise ValueError(
+            f"members output {fused.config.out_channels} channels for {fused.config.in_channels} input channels; "
+            "fitting needs predictions of the sample's shape"
+        )
+    if latents.dtype != fused.dtype or latents.device != fused.device:
+        raise ValueError(f"latents are {latents.dtype} on {latents.device} but the members are {fused.dtype} on {fused.device}")
+    if unet_kwargs is not None and not isinstance(unet_kwargs, dict):
+        raise TypeError(f"unet_kwargs must be a dict, got {type(unet_kwargs).__name__}")
+    member_inputs = dict(unet_kwargs or {})
+    if encoder_hidden_states is not None:
+        if "encoder_hidden_states" in member_inputs:
+            raise ValueError("encoder_hidden_states given both as an argument and in unet_kwargs")
+        check_tensor(encoder_hidden_states, "encoder_hidden_states")
+        if encoder_hidden_states.ndim < 2 or encoder_hidden_states.shape[0] != latents.shape[0]:
+            raise ValueError(
+                f"encoder_hidden_states must have one row per sample, shape ({latents.shape[0]}, ...), got "
+                f"{tuple(encoder_hidden_states.shape)}"
+            )
+        member_inputs["encoder_hidden_states"] = encoder_hidden_states
+    _check_finite_inputs(member_inputs, "unet_kwargs")
+    return member_inputs
+
+
+def _check_finite_inputs(value: Any, name: str) -> None:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        check_tensor(value, name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite_inputs(item, f"{name}[{key!r}]")
+
+
+def _finish(
+    fused: FusedUNet,
+    sums: Dict[str, torch.Tensor],
+    sgd_weights: Optional[torch.Tensor],
+    num_forward_passes: int,
+    bin_edges: torch.Tensor,
+    seed: int,
+    info: Dict[str, Any],
+) -> FitResult:
+    """Solves (unless SGD gave the weights), evaluates, bootstraps, records provenance and sets the weights."""
+    gram, linear = sums["gram"].sum(0), sums["linear"].sum(0)  # (nb, k, k), (nb, k)
+    constant, count = sums["constant"].sum(0), sums["count"].sum(0)  # (nb,), (nb,)
+    weights = _solve_bins(gram, linear, count) if sgd_weights is None else sgd_weights  # (nb, k)
+    total = count.sum()
+    loss = sum(quadratic_loss(weights[i], gram[i], linear[i], constant[i]) for i in range(count.numel())) / total
+    # one member alone: lambda = e_i  =>  G_ii - 2 b_i + c, over all bins
+    per_model_loss = (gram.sum(0).diagonal() - 2 * linear.sum(0) + constant.sum()) / total
+    standard_errors = None
+    if info["method"] == "exact":
+        standard_errors = _bootstrap_standard_errors(sums, info["num_bootstrap"], seed + 1)
+    binned = count.numel() > 1
+    squeeze = (lambda x: x) if binned else (lambda x: None if x is None else x[0])  # noqa: E731
+    edges = bin_edges.tolist() if binned else None
+    result_weights, result_errors = squeeze(weights), squeeze(standard_errors)
+    provenance = _provenance(info, float(loss), per_model_loss, result_errors, num_forward_passes, seed, edges)
+    result = FitResult(
+        weights=result_weights, loss=float(loss), per_model_loss=per_model_loss, num_forward_passes=num_forward_passes,
+        standard_errors=result_errors, timestep_bin_edges=edges, gram=squeeze(gram / count[:, None, None]),
+        linear=squeeze(linear / count[:, None]), constant=squeeze(constant / count), provenance=provenance,
+    )  # fmt: skip
+    if info["set_weights"]:
+        fused.set_weights(result_weights, timestep_bin_edges=edges, provenance=provenance)
+    return result
+
+
+def _provenance(
+    info: Dict[str, Any],
+    loss: float,
+    per_model_loss: torch.Tensor,
+    standard_errors: Optional[torch.Tensor],
+    num_forward_passes: int,
+    seed: int,
+    bin_edges: Optional[List[float]],
+) -> Dict[str, Any]:
+    """A JSON-serialisable record of how the weights were obtained."""
+    from . import __version__
+
+    provenance = dict(
+        method=info["method"], library=f"diffusers-scorefusion {__version__}", num_samples=int(info["latents"].shape[0]),
+        num_noise_draws=info["num_noise_draws"], timestep_range=info["timestep_range"],
+        timestep_range_name=info["timestep_range_name"], weighting=info["weighting"],
+        num_timestep_bins=info["num_timestep_bins"], timestep_bin_edges=bin_edges, batch_size=info["batch_size"],
+        loss=loss, per_model_loss=per_model_loss.tolist(),
+        standard_errors=None if standard_errors is None else standard_errors.tolist(),
+        num_bootstrap=info["num_bootstrap"] if info["method"] == "exact" else 0, num_forward_passes=num_forward_passes,
+        seed=None if info["generator"] is None else int(info["generator"].initial_seed()), noise_seed=seed,
+        num_processes=info["num_processes"],
+        data_fingerprint=_data_fingerprint([info["latents"], info["member_inputs"].get("encoder_hidden_states")]),
+    )  # fmt: skip
+    if info["weighting"] == "min_snr":
+        provenance["snr_gamma"] = info["snr_gamma"]
+    if info["method"] == "sgd":
+        provenance.update(num_epochs=info["num_epochs"], learning_rate=info["learning_rate"], momentum=info["momentum"])
+    return provenance
+
+
+def encode_for_fitting(
+    pipe: Any,
+    images: Any,
+    prompts: Union[str, Sequence[str]],
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    batch_size: int = 8,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Encodes target images and captions with a Stable Diffusion pipeline's VAE and text encoder.
+
+    Images (PIL images, numpy arrays or tensors in [0, 1], or tensors in [-1, 1]) go through the pipeline's
+    `VaeImageProcessor`; latents are the mean of the VAE posterior (deterministic: the same images always give the
+    same latents and data fingerprint), shifted by `vae.config.shift_factor` when set and times
+    `vae.config.scaling_factor`, in the UNet's dtype. Prompts are encoded without classifier-free guidance.
+
+    Returns:
+        `(latents, prompt_embeds)`: `(N, C, h, w)` and `(N, L, D)`.
+    """
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("images is empty: fitting needs at least one target image")
+        sizes = {tuple(getattr(image, "size", None) or tuple(np.shape(image))) for image in images}
+        if len(sizes) > 1:
+            raise ValueError(f"all images must have the same size, got {sorted(sizes)}")
+    pixels = pipe.image_processor.preprocess(images, height=height, width=width)  # (N, 3, H, W) in [-1, 1]
+    num_images = pixels.shape[0]
+    if num_images == 0:
+        raise ValueError("images is empty: fitting needs at least one target image")
+    if isinstance(prompts, str):
+        prompts = [prompts] * num_images
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(prompt, str) for prompt in prompts):
+        raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r}")
+    if len(prompts) != num_images:
+        raise ValueError(f"got {num_images} images but {len(prompts)} prompts; give one prompt per image or one string")
+    if not torch.isfinite(pixels).all():
+        raise ValueError("images contain NaN or inf")
+    device, vae = pipe._execution_device, pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = []
+    with torch.no_grad():
+        for start in range(0, num_images, batch_size):
+            chunk = pixels[start : start + batch_size].to(device=device, dtype=vae.dtype)
+            mean = vae.encode(chunk).latent_dist.mean
+            latents.append((mean - shift) * vae.config.scaling_factor)
+        prompt_embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
+    return torch.cat(latents).to(pipe.unet.dtype), prompt_embeds.to(pipe.unet.dtype)

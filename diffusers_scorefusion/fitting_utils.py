@@ -1,0 +1,180 @@
+"""Plumbing for `fit_weights`: option checks, per-sample noise, noised batches through the members, process sums."""
+
+import numbers
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .fusion_utils import LOSS_WEIGHTINGS, alpha_sigma, denoising_target, loss_weighting, score_matching_statistics, timestep_bins
+
+TIMESTEP_RANGES = ("full", "small_t")
+SMALL_T_MAX_SIGMA = 0.1  # "small_t": timesteps whose noise std sigma_t = sqrt(1 - alphas_cumprod[t]) is at most this
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_float(value: Any, name: str, low: float, high: float, high_inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    inside = low < value <= high if high_inclusive else low <= value < high
+    if not inside:
+        interval = f"({low}, {high}]" if high_inclusive else f"[{low}, {high})"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return float(value)
+
+
+def check_options(**options: Any) -> Dict[str, Any]:
+    """Validates `fit_weights`' scalar options and returns them as a dict."""
+    for name in ("num_noise_draws", "num_timestep_bins", "batch_size", "num_epochs"):
+        _check_int(options[name], name, 1)
+    _check_int(options["num_bootstrap"], "num_bootstrap", 0)
+    if options["weighting"] not in LOSS_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {options['weighting']!r}")
+    _check_float(options["snr_gamma"], "snr_gamma", 0.0, float("inf"))
+    _check_float(options["learning_rate"], "learning_rate", 0.0, float("inf"))
+    _check_float(options["momentum"], "momentum", 0.0, 1.0, high_inclusive=False)
+    if options["generator"] is not None and not isinstance(options["generator"], torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(options['generator']).__name__}")
+    if options["callback"] is not None and not callable(options["callback"]):
+        raise TypeError(f"callback must be callable, got {options['callback']!r}")
+    if not isinstance(options["set_weights"], bool):
+        raise TypeError(f"set_weights must be True or False, got {options['set_weights']!r}")
+    return options
+
+
+def check_tensor(value: Any, name: str) -> None:
+    """A floating-point tensor without NaN or inf."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if not torch.isfinite(value).all():
+        bad = (~torch.isfinite(value)).flatten(1).any(1).nonzero().flatten().tolist() if value.ndim > 1 else []
+        raise ValueError(f"{name} contains NaN or inf" + (f" (rows {bad[:10]})" if bad else ""))
+
+
+def resolve_timestep_range(timestep_range: Union[str, Sequence[int]], alphas_cumprod: torch.Tensor) -> Tuple[int, int]:
+    """Inclusive integer timestep bounds for `"full"`, `"small_t"` or `(t_min, t_max)`."""
+    num_train_timesteps = alphas_cumprod.numel()
+    if isinstance(timestep_range, str):
+        if timestep_range not in TIMESTEP_RANGES:
+            raise ValueError(f"timestep_range must be one of {TIMESTEP_RANGES} or (t_min, t_max), got {timestep_range!r}")
+        if timestep_range == "full":
+            return 0, num_train_timesteps - 1
+        sigma = (1 - alphas_cumprod.to(torch.float64)).sqrt()
+        small = int((sigma <= SMALL_T_MAX_SIGMA).sum())  # sigma_t increases with t
+        if small == 0:
+            raise ValueError(f"timestep_range='small_t' is empty: sigma_0 = {sigma[0].item():.4f} > {SMALL_T_MAX_SIGMA}")
+        return 0, small - 1
+    bounds = list(timestep_range) if isinstance(timestep_range, (list, tuple)) else None
+    if bounds is None or len(bounds) != 2 or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in bounds):
+        raise TypeError(f"timestep_range must be {TIMESTEP_RANGES} or two ints (t_min, t_max), got {timestep_range!r}")
+    t_min, t_max = int(bounds[0]), int(bounds[1])
+    if not 0 <= t_min <= t_max <= num_train_timesteps - 1:
+        raise ValueError(f"timestep_range must satisfy 0 <= t_min <= t_max <= {num_train_timesteps - 1}, got {timestep_range!r}")
+    return t_min, t_max
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from non-negative integer keys (numpy's SeedSequence hashing: well-mixed, platform-independent)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def reduce_sum(tensor: torch.Tensor, accelerator: Optional[Any]) -> torch.Tensor:
+    """Sum over processes (identity on one process)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensor
+    from accelerate.utils import reduce
+
+    return reduce(tensor.to(accelerator.device), reduction="sum").cpu()
+
+
+def shared_seed(generator: Optional[torch.Generator], accelerator: Optional[Any]) -> int:
+    """The base seed of the noise: drawn from `generator` (or torch's global RNG) on the main process, shared by all."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    if accelerator is None or accelerator.num_processes == 1:
+        return seed
+    mine = torch.tensor([seed if accelerator.is_main_process else 0], dtype=torch.int64)
+    return int(reduce_sum(mine, accelerator).item())
+
+
+def _draws(seed: int, index: int, num_draws: int, bounds: Tuple[int, int], shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sample `index`'s timesteps `(D,)` and noises `(D, C, H, W)`: from its own seed, on the CPU, in float32."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, 0, index))
+    timesteps = torch.randint(bounds[0], bounds[1] + 1, (num_draws,), generator=generator)
+    noise = torch.randn((num_draws, *shape), generator=generator, dtype=torch.float32)
+    return timesteps, noise
+
+
+def _select(value: Any, rows: torch.Tensor, num_samples: int) -> Any:
+    """Indexes tensors (also in nested dicts) whose first dimension is the number of samples; keeps the rest."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == num_samples:
+        return value[rows.to(value.device)]
+    if isinstance(value, dict):
+        return {key: _select(item, rows, num_samples) for key, item in value.items()}
+    return value
+
+
+def _run_batch(
+    fused: Any,
+    alphas_cumprod: torch.Tensor,
+    latents: torch.Tensor,
+    member_inputs: Dict[str, Any],
+    rows: List[Tuple[int, torch.Tensor, torch.Tensor]],
+    bin_edges: torch.Tensor,
+    options: Dict[str, Any],
+) -> Dict[str, torch.Tensor]:
+    """Noises a batch, runs every member once, returns per-row quadratic terms (float64, CPU)."""
+    sample_index = torch.tensor([row[0] for row in rows])  # (B,)
+    timesteps = torch.stack([row[1] for row in rows])  # (B,)
+    noise = torch.stack([row[2] for row in rows]).to(latents.device)  # (B, C, H, W)
+    x0 = latents[sample_index.to(latents.device)]  # (B, C, H, W)
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, timesteps)  # (B,)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    alpha, sigma = alpha_t.to(x0.device).reshape(shape), sigma_t.to(x0.device).reshape(shape)
+    sample = (alpha * x0.to(torch.float64) + sigma * noise.to(torch.float64)).to(latents.dtype)  # x_t
+    kwargs = _select(member_inputs, sample_index, latents.shape[0])
+    with torch.no_grad():
+        outputs = fused.member_outputs(sample, timesteps.to(latents.device), **kwargs)  # (k, B, C, H, W)
+    finite = torch.isfinite(outputs).flatten(1).all(1)  # (k,)
+    if not finite.all():
+        raise ValueError(
+            f"members {(~finite).nonzero().flatten().tolist()} returned NaN or inf on samples "
+            f"{sorted(set(sample_index.tolist()))[:10]} at timesteps {timesteps.tolist()[:10]}; no weights were set"
+        )
+    target = denoising_target(x0, noise, alpha_t, sigma_t, fused.config.prediction_type)  # (B, C, H, W)
+    loss_weights = loss_weighting(timesteps, alphas_cumprod, options["weighting"], options["snr_gamma"])  # w(t), (B,)
+    gram, linear, constant = score_matching_statistics(outputs, target, loss_weights.to(x0.device))
+    return dict(sample_index=sample_index, bin=timestep_bins(timesteps, bin_edges), gram=gram.cpu(),
+                linear=linear.cpu(), constant=constant.cpu())  # fmt: skip
+
+
+def noised_batches(
+    fused: Any,
+    alphas_cumprod: torch.Tensor,
+    latents: torch.Tensor,
+    member_inputs: Dict[str, Any],
+    indices: Sequence[int],
+    seed: int,
+    bounds: Tuple[int, int],
+    bin_edges: torch.Tensor,
+    options: Dict[str, Any],
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """Per-row quadratic terms for `indices`' samples, `num_noise_draws` rows each, `batch_size` rows per forward."""
+    pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
+    batch_size = options["batch_size"]
+    for index in indices:
+        timesteps, noise = _draws(seed, index, options["num_noise_draws"], bounds, latents.shape[1:])
+        pending.extend((index, timesteps[d], noise[d]) for d in range(timesteps.numel()))
+        while len(pending) >= batch_size:
+            yield _run_batch(fused, alphas_cumprod, latents, member_inputs, pending[:batch_size], bin_edges, options)
+            pending = pending[batch_size:]
+    if pending:
+        yield _run_batch(fused, alphas_cumprod, latents, member_inputs, pending, bin_edges, options)
