@@ -7,6 +7,7 @@ from .fusion_utils import check_weights, combine_predictions, convert_prediction
 from .modeling_fused_unet import FusedUNet
 from .modeling_lora_member import LoraMember
 from .pipeline_score_fusion import ScoreFusionPipeline
+from .pipeline_score_fusion_xl import ScoreFusionXLPipeline
 
 __version__ = "0.1.0"
 
@@ -19,7 +20,7 @@ def _register_with_diffusers() -> None:
     """
     import diffusers
 
-    for pipeline_class in (ScoreFusionPipeline,):
+    for pipeline_class in (ScoreFusionPipeline, ScoreFusionXLPipeline):
         if not hasattr(diffusers, pipeline_class.__name__):
             setattr(diffusers, pipeline_class.__name__, pipeline_class)
 
@@ -32,6 +33,7 @@ __all__ = [
     "LoraMember",
     "ModelMixin",
     "ScoreFusionPipeline",
+    "ScoreFusionXLPipeline",
     "check_weights",
     "combine_predictions",
     "convert_prediction",

@@ -1,0 +1,209 @@
+"""`ScoreFusionXLPipeline`: Stable Diffusion XL text-to-image sampling from the KL barycenter of several UNets."""
+
+import os
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPVisionModelWithProjection
+
+from .fitting import FitResult, fit_weights
+from .fusion_utils import WeightsLike
+from .loading_utils import MemberSpec
+from .modeling_fused_unet import FusedUNet, check_scheduler_matches
+from .pipeline_score_fusion import build_fused_unet
+
+
+class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
+    r"""
+    Text-to-image sampling from the KL barycenter ``p ∝ prod_i p_i^lambda_i`` of several Stable Diffusion XL UNets.
+
+    A `StableDiffusionXLPipeline` whose `unet` is a [`FusedUNet`]: every argument of
+    `StableDiffusionXLPipeline.__call__` works (two prompts, negative prompts, guidance, size and crop conditioning,
+    callbacks, any compatible scheduler), plus `fusion_weights=` to sample with other weights for one call.
+
+    Args:
+        vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, image_encoder, feature_extractor,
+            force_zeros_for_empty_prompt, add_watermarker: as in [`StableDiffusionXLPipeline`].
+        unet ([`FusedUNet`]): the fused SDXL members (e.g. [`FusedUNet.from_lora`] for LoRA fine-tunes). The
+            scheduler's `prediction_type` must match `unet.config.prediction_type`. Members share the pipeline's two
+            text encoders.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: FusedUNet,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
+        feature_extractor: Optional[CLIPImageProcessor] = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: Optional[bool] = None,
+    ):
+        if not isinstance(unet, FusedUNet):
+            raise TypeError(
+                f"ScoreFusionXLPipeline needs a FusedUNet as `unet`, got {type(unet).__name__}; build one with "
+                "FusedUNet([...]), FusedUNet.from_lora(...) or ScoreFusionXLPipeline.from_pretrained(base, unets=[...])"
+            )
+        if unet.config.addition_embed_type != "text_time":
+            raise ValueError(
+                f"ScoreFusionXLPipeline needs SDXL members (addition_embed_type='text_time'), got "
+                f"addition_embed_type={unet.config.addition_embed_type!r}; use ScoreFusionPipeline for Stable Diffusion 1/2"
+            )
+        if getattr(unet, "num_encoder_slots", 1) != 1:
+            raise ValueError(
+                f"the fusion has {unet.num_encoder_slots - 1} member text encoders; ScoreFusionXLPipeline members share "
+                "the pipeline's two text encoders"
+            )
+        check_scheduler_matches(unet, scheduler)
+        super().__init__(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+            feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )  # fmt: skip
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, os.PathLike],
+        unets: Optional[Sequence[MemberSpec]] = None,
+        weights: Optional[WeightsLike] = None,
+        **kwargs: Any,
+    ) -> "ScoreFusionXLPipeline":
+        r"""
+        Loads a saved ScoreFusion XL pipeline, or builds one from an SDXL base model and fine-tuned UNets.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A saved ScoreFusion XL pipeline, or (with `unets`) an SDXL base model (local folder or Hub id) that
+                provides the VAE, both text encoders and tokenizers, and the scheduler.
+            unets (`list`, *optional*):
+                The members: modules, local folders or Hub ids of UNets or of whole pipelines (their `unet/` is
+                used), or dicts with `pretrained_model_name_or_path`, `subfolder`, `revision`, `variant`.
+            weights (`list[float]`, *optional*):
+                The fusion weights (uniform by default).
+            kwargs: passed to `DiffusionPipeline.from_pretrained`; `torch_dtype`, `cache_dir`, `token` and
+                `local_files_only` also apply to the members. Weights load from safetensors only unless
+                `allow_pickle=True`.
+        """
+        allow_pickle = kwargs.pop("allow_pickle", False)
+        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+        if unets is None:
+            if weights is not None:
+                raise ValueError("weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()")
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if "unet" in kwargs:
+            raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
+        member_kwargs = {key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs}
+        kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle, **member_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any):
+        r"""
+        Generates images from the fused model; takes every argument of `StableDiffusionXLPipeline.__call__`.
+
+        Args:
+            fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
+                Weights for this call only, shape `(k,)` (or the stored `(num_bins, k)` table's shape); on the simplex.
+                Defaults to `unet.fusion_weights`.
+
+        Returns:
+            [`~pipelines.stable_diffusion_xl.StableDiffusionXLPipelineOutput`] or `tuple`, as
+            `StableDiffusionXLPipeline`.
+        """
+        check_scheduler_matches(self.unet, self.scheduler)
+        with self.unet.override_weights(fusion_weights):
+            return super().__call__(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- fitting
+    @torch.no_grad()
+    def encode_for_fitting(
+        self,
+        images: Any,
+        prompts: Union[str, Sequence[str]],
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        batch_size: int = 8,
+    ) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+        r"""
+        Encodes target images and captions as the SDXL UNet sees them during sampling.
+
+        Latents are VAE posterior means (minus `vae.config.shift_factor` when set) times `vae.config.scaling_factor`;
+        the VAE runs in float32 when `vae.config.force_upcast`. Prompts go through both text encoders without classifier-free guidance; the
+        time ids are `(H, W, 0, 0, H, W)`: original and target size the images' size, no crop, as `__call__` uses by
+        default.
+
+        Returns:
+            `(latents, prompt_embeds, added_cond_kwargs)`: `(N, C, h, w)`, `(N, L, D)` and
+            `{"text_embeds": (N, D_pooled), "time_ids": (N, 6)}`.
+        """
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            raise ValueError("images is empty: fitting needs at least one target image")
+        pixels = self.image_processor.preprocess(images, height=height, width=width)  # (N, 3, H, W) in [-1, 1]
+        num_images, (pixel_height, pixel_width) = pixels.shape[0], pixels.shape[-2:]
+        prompts = [prompts] * num_images if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(prompt, str) for prompt in prompts):
+            raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.200}")
+        if len(prompts) != num_images:
+            raise ValueError(f"got {num_images} images but {len(prompts)} prompts; give one prompt per image or one string")
+        if not torch.isfinite(pixels).all():
+            raise ValueError("images contain NaN or inf")
+        device, vae = self._execution_device, self.vae
+        vae_dtype, shift = vae.dtype, getattr(vae.config, "shift_factor", None) or 0.0
+        upcast = vae.config.force_upcast and vae_dtype != torch.float32  # the SDXL VAE overflows in float16
+        latents = []
+        try:
+            if upcast:
+                vae.to(torch.float32)
+            for start in range(0, num_images, batch_size):
+                chunk = pixels[start : start + batch_size].to(device=device, dtype=vae.dtype)
+                latents.append((vae.encode(chunk).latent_dist.mean - shift) * vae.config.scaling_factor)
+        finally:
+            if upcast:
+                vae.to(vae_dtype)
+        prompt_embeds, _, pooled_prompt_embeds, _ = self.encode_prompt(
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        projection_dim = (self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None
+                          else int(pooled_prompt_embeds.shape[-1]))  # fmt: skip
+        size = (int(pixel_height), int(pixel_width))
+        time_ids = self._get_add_time_ids(size, (0, 0), size, dtype=prompt_embeds.dtype,
+                                          text_encoder_projection_dim=projection_dim)  # fmt: skip  # (1, 6)
+        unet_dtype = self.unet.dtype
+        added_cond_kwargs = {"text_embeds": pooled_prompt_embeds.to(unet_dtype),
+                             "time_ids": time_ids.to(device=device, dtype=unet_dtype).repeat(num_images, 1)}  # fmt: skip
+        return torch.cat(latents).to(unet_dtype), prompt_embeds.to(unet_dtype), added_cond_kwargs
+
+    def fit_weights(
+        self,
+        images: Any,
+        prompts: Union[str, Sequence[str]],
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        **options: Any,
+    ) -> FitResult:
+        r"""
+        Fits the fusion weights to target images and their captions, and sets them on `self.unet` (see [`fit_weights`]).
+
+        Args:
+            images (PIL images, numpy arrays or tensors): the target images, all of one size; pixel values in [0, 1]
+                (tensors in [-1, 1] are also accepted), as for `VaeImageProcessor.preprocess`.
+            prompts (`str` or `list[str]`): one caption per image, or one for all.
+            height, width (`int`, *optional*): resize to this size first (default: the images' size).
+            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...).
+
+        Inputs are encoded by [`~ScoreFusionXLPipeline.encode_for_fitting`]; the noise schedule is `self.scheduler`'s.
+        """
+        if "unet_kwargs" in options:
+            raise ValueError("unet_kwargs are computed from the images and prompts here; call fitting.fit_weights to pass your own")
+        latents, prompt_embeds, added_cond_kwargs = self.encode_for_fitting(images, prompts, height=height, width=width)
+        return fit_weights(self.unet, self.scheduler, latents, encoder_hidden_states=prompt_embeds,
+                           unet_kwargs={"added_cond_kwargs": added_cond_kwargs}, **options)  # fmt: skip
