@@ -245,3 +245,10 @@ def test_push_to_hub_uploads_the_saved_folder(fused, tmp_path, monkeypatch):
     sources = [{"pretrained_model_name_or_path": str(tmp_path / name)} for name in ("a", "b")]
     assert fused.push_to_hub("someone/fusion", reference_only=True, member_sources=sources) == "someone/fusion"
     assert uploaded == {"repo_id": "someone/fusion", "files": ["config.json"]}
+
+
+def test_device_map_per_member(saved):
+    loaded = FusedUNet.from_pretrained(saved, device_map=["cpu", "cpu"])
+    assert all(param.device.type == "cpu" for param in loaded.parameters())
+    with pytest.raises(ValueError, match="device_map as a list must hold 2 entries"):
+        FusedUNet.from_pretrained(saved, device_map=["cpu"])
