@@ -1,0 +1,49 @@
+"""Fits weights on a fixed conditional Gaussian problem and writes each process's result to `<out_dir>/rank<i>.json`.
+
+Run by tests/test_fitting_accelerate.py with `accelerate launch --num_processes 2 --cpu` (and imported for the
+one-process reference). An odd number of samples makes the two shards unequal.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gaussian_members import barycenter_samples, gaussian_fusion, member_means  # noqa: E402
+
+from diffusers_scorefusion import fit_weights  # noqa: E402
+from diffusers_scorefusion.testing_utils import get_dummy_scheduler  # noqa: E402
+
+NUM_SAMPLES = 13
+
+
+def run(accelerator=None) -> dict:
+    """The fit on this process; returns what is compared across runs (JSON-ready)."""
+    scheduler = get_dummy_scheduler()
+    means = member_means(3)
+    prompt_embeds = torch.randn(NUM_SAMPLES, 5, 8, generator=torch.Generator().manual_seed(7))
+    latents = barycenter_samples(means, [0.2, 0.5, 0.3], NUM_SAMPLES) + prompt_embeds.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+    fused = gaussian_fusion(means, scheduler)
+    result = fit_weights(fused, scheduler, latents, encoder_hidden_states=prompt_embeds, num_noise_draws=3, batch_size=4,
+                         num_timestep_bins=2, num_bootstrap=50, generator=torch.Generator().manual_seed(0),
+                         accelerator=accelerator, progress_bar=False)  # fmt: skip
+    return dict(
+        weights=result.weights.tolist(), standard_errors=result.standard_errors.tolist(), loss=result.loss,
+        per_model_loss=result.per_model_loss.tolist(), gram=result.gram.tolist(), linear=result.linear.tolist(),
+        constant=result.constant.tolist(), num_forward_passes=result.num_forward_passes,
+        fused_weights=fused.fusion_weights.tolist(), member_calls=sum(member.num_calls for member in fused.unets),
+        provenance=result.provenance,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)  # torchrun on CPU: gloo
+    output = run(state)
+    path = os.path.join(sys.argv[1], f"rank{state.process_index}.json")
+    with open(path + ".tmp", "w") as file:
+        json.dump(dict(output, num_processes=state.num_processes), file)
+    os.replace(path + ".tmp", path)
