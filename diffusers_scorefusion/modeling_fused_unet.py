@@ -26,6 +26,7 @@ from .fusion_utils import (
     convert_prediction,
     timestep_bins,
 )
+from .offload_utils import run_on_member_device
 
 # Config keys pipelines read from `pipe.unet.config`; every member must agree on them.
 INTERFACE_KEYS = (
@@ -365,11 +366,15 @@ class FusedUNet(ModelMixin, ConfigMixin):
     def member_output(
         self, index: int, sample: torch.Tensor, timestep, return_dict: bool = False, **kwargs: Any
     ) -> Any:
-        """Runs member `index` (no fusion, no conversion); `None`-valued keyword arguments are not passed."""
+        """Runs member `index` (no fusion, no conversion); `None`-valued keyword arguments are not passed.
+
+        A member whose weights sit on another device (and that has no offloading hooks moving its inputs) gets its
+        inputs moved there; its output comes back on `sample.device`.
+        """
         if "encoder_hidden_states" in kwargs:
             kwargs["encoder_hidden_states"] = self._member_hidden_states(index, kwargs["encoder_hidden_states"])
         kwargs = _copy_containers({key: value for key, value in kwargs.items() if value is not None})
-        return self.unets[index](sample, timestep, return_dict=return_dict, **kwargs)
+        return run_on_member_device(self.unets[index], sample, timestep, return_dict=return_dict, **kwargs)
 
     def member_outputs(
         self, sample: torch.Tensor, timestep, members: Optional[Sequence[int]] = None, **kwargs: Any

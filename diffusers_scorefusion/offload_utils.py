@@ -1,0 +1,51 @@
+"""Running fusion members placed on their own devices or offloaded one by one.
+
+A member may sit on another device than the fusion's inputs (members spread over GPUs, or some kept on the CPU). Members
+with accelerate hooks (`device_map`, CPU offload) or Diffusers group offloading move their inputs themselves; any
+other member whose weights are elsewhere gets its inputs moved to its device here. Its output always comes back on the
+device of `sample`, so the members' predictions can be combined.
+"""
+
+from typing import Any, Optional
+
+import torch
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (also inside tuples, lists, dicts, `BaseOutput`s) on `device`; others as is."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, BaseOutput):
+        return type(value)(**{key: to_device(item, device) for key, item in value.items()})
+    if isinstance(value, dict):
+        return type(value)((key, to_device(item, device)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
+def places_own_inputs(member: nn.Module) -> bool:
+    """Whether accelerate hooks or Diffusers group offloading in `member` move its inputs to its execution device."""
+    if _is_group_offload_enabled(member):
+        return True
+    return any(getattr(module, "_hf_hook", None) is not None for module in member.modules())
+
+
+def member_input_device(member: nn.Module, device: torch.device) -> Optional[torch.device]:
+    """Where `member`'s inputs must go when they are on `device`: its weights' device, or `None` (leave them)."""
+    parameter = next(member.parameters(), None)
+    if parameter is None or parameter.device == device or places_own_inputs(member):
+        return None
+    return parameter.device
+
+
+def run_on_member_device(member: nn.Module, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
+    """`member(sample, timestep, **kwargs)` with inputs on the member's device and the output on `sample.device`."""
+    device = sample.device
+    target = member_input_device(member, device)
+    if target is not None:
+        sample, timestep, kwargs = to_device((sample, timestep, kwargs), target)
+    return to_device(member(sample, timestep, **kwargs), device)
