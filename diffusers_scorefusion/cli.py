@@ -1,0 +1,193 @@
+"""`scorefusion` command line: fit fusion weights to a folder of captioned images, and sample from a saved fusion.
+
+    scorefusion fit --base BASE --unet A --unet B --data DIR --out FUSION_DIR
+    scorefusion sample --fusion FUSION_DIR --prompt "..." --out samples/
+
+A data folder holds images (`.png`, `.jpg`, `.jpeg`, `.webp`, `.bmp`) with their captions, either as
+`metadata.jsonl` (one JSON object per line with `file_name` and `text`, as Hugging Face `imagefolder`) or, when
+there is no `metadata.jsonl`, as pairs `name.png` + `name.txt`.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import List, Optional, Sequence, Tuple, Union
+
+import PIL.Image
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_image_folder(data_dir: Union[str, os.PathLike]) -> Tuple[List[PIL.Image.Image], List[str], List[str]]:
+    """Images (RGB), captions and file names of a data folder, sorted by file name (see the module docstring)."""
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data folder {data_dir!r} does not exist")
+    metadata = os.path.join(data_dir, "metadata.jsonl")
+    if os.path.isfile(metadata):
+        captions = {}
+        with open(metadata, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    captions[entry["file_name"]] = entry["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise ValueError(f"{metadata} line {number} must be a JSON object with file_name and text, got {line.strip()!r}") from error
+    else:
+        captions = {}
+        for name in sorted(os.listdir(data_dir)):
+            stem, extension = os.path.splitext(name)
+            if extension.lower() not in IMAGE_EXTENSIONS:
+                continue
+            caption_path = os.path.join(data_dir, stem + ".txt")
+            if not os.path.isfile(caption_path):
+                raise ValueError(f"image {name!r} in {data_dir!r} has no caption file {stem + '.txt'!r} (and there is no metadata.jsonl)")
+            with open(caption_path, encoding="utf-8") as file:
+                captions[name] = file.read().strip()
+    if not captions:
+        raise ValueError(f"data folder {data_dir!r} holds no captioned images ({', '.join(IMAGE_EXTENSIONS)})")
+    names = sorted(captions)
+    images = []
+    for name in names:
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"metadata.jsonl names {name!r}, which is not in {data_dir!r}")
+        if not isinstance(captions[name], str):
+            raise ValueError(f"the caption of {name!r} must be a string, got {captions[name]!r}")
+        with PIL.Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images, [captions[name] for name in names], names
+
+
+def _timestep_range(value: str) -> Union[str, Tuple[int, int]]:
+    if value in ("full", "small_t"):
+        return value
+    try:
+        low, high = (int(part) for part in value.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected full, small_t or T_MIN,T_MAX, got {value!r}") from error
+    return low, high
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scorefusion", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    fit = commands.add_parser("fit", help="fit the fusion weights to captioned images and save the fused pipeline")
+    fit.add_argument("--base", required=True, help="base Stable Diffusion pipeline (folder or Hub id): VAE, text encoder, scheduler")
+    fit.add_argument("--unet", action="append", required=True, help="a member UNet or pipeline (folder or Hub id); repeat")
+    fit.add_argument("--data", required=True, help="folder of images with captions")
+    fit.add_argument("--out", required=True, help="folder to save the fitted pipeline to")
+    fit.add_argument("--method", choices=("exact", "sgd"), default="exact")
+    fit.add_argument("--num-noise-draws", type=int, default=8)
+    fit.add_argument("--timestep-range", type=_timestep_range, default="full", help="full, small_t or T_MIN,T_MAX")
+    fit.add_argument("--weighting", choices=("uniform", "snr", "min_snr"), default="uniform")
+    fit.add_argument("--num-timestep-bins", type=int, default=1)
+    fit.add_argument("--batch-size", type=int, default=16)
+    fit.add_argument("--num-bootstrap", type=int, default=200)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--height", type=int, help="resize the images to this height first")
+    fit.add_argument("--width", type=int, help="resize the images to this width first")
+    fit.add_argument("--device", default=device)
+    fit.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    fit.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    sample = commands.add_parser("sample", help="generate images from a saved fusion")
+    sample.add_argument("--fusion", required=True, help="a pipeline folder saved by `scorefusion fit`")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--negative-prompt")
+    sample.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
+    sample.add_argument("--num-images", type=int, default=4)
+    sample.add_argument("--num-inference-steps", type=int, default=25)
+    sample.add_argument("--guidance-scale", type=float, default=7.5)
+    sample.add_argument("--height", type=int)
+    sample.add_argument("--width", type=int)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default=device)
+    sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    sample.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _dtype_kwargs(dtype: str) -> dict:
+    """`torch_dtype=` for `from_pretrained` (members read the same key), left out for the float32 default."""
+    return {} if dtype == "float32" else {"torch_dtype": DTYPES[dtype]}
+
+
+def _fit(args: argparse.Namespace) -> None:
+    from .pipeline_score_fusion import ScoreFusionPipeline
+
+    images, prompts, names = read_image_folder(args.data)
+    print(f"{len(images)} target images from {args.data}", file=sys.stderr)
+    pipe = ScoreFusionPipeline.from_pretrained(args.base, unets=args.unet, **_dtype_kwargs(args.dtype)).to(args.device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    result = pipe.fit_weights(
+        images, prompts, height=args.height, width=args.width, method=args.method, num_noise_draws=args.num_noise_draws,
+        timestep_range=args.timestep_range, weighting=args.weighting, num_timestep_bins=args.num_timestep_bins,
+        batch_size=args.batch_size, num_bootstrap=args.num_bootstrap, progress_bar=not args.no_progress,
+        generator=torch.Generator().manual_seed(args.seed), set_weights=False,
+    )  # fmt: skip
+    provenance = dict(result.provenance, data_dir=os.path.abspath(args.data), data_files=names, members=list(args.unet),
+                      base=args.base)  # fmt: skip
+    pipe.unet.set_weights(result.weights, timestep_bin_edges=result.timestep_bin_edges, provenance=provenance)
+    pipe.save_pretrained(args.out)
+    weights = result.weights.flatten().tolist()
+    errors = None if result.standard_errors is None else result.standard_errors.flatten().tolist()
+    shown = [f"{w:.4f}" if errors is None else f"{w:.4f} ± {e:.4f}" for w, e in zip(weights, errors or weights)]
+    print(f"weights: {', '.join(shown)}; loss {result.loss:.6f} (members alone: "
+          f"{', '.join(f'{v:.6f}' for v in result.per_model_loss.tolist())}); saved to {args.out}")  # fmt: skip
+
+
+def _save_png(image: PIL.Image.Image, path: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
+    os.close(handle)
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from diffusers.utils import make_image_grid
+
+    from .pipeline_score_fusion import ScoreFusionPipeline
+
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    pipe = ScoreFusionPipeline.from_pretrained(args.fusion, **_dtype_kwargs(args.dtype)).to(args.device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    images = pipe(
+        args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=args.height,
+        width=args.width, generator=torch.Generator().manual_seed(args.seed),
+    ).images  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    for index, image in enumerate(images):
+        _save_png(image, os.path.join(args.out, f"sample_{index:03d}.png"))
+    columns = min(4, len(images))
+    _save_png(make_image_grid(images, rows=-(-len(images) // columns), cols=columns), os.path.join(args.out, "grid.png"))
+    print(f"{len(images)} images and grid.png written to {args.out}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `scorefusion` console script; returns the exit status (2 for bad input)."""
+    args = _parser().parse_args(argv)
+    try:
+        _fit(args) if args.command == "fit" else _sample(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"scorefusion {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
