@@ -26,7 +26,7 @@ from .fusion_utils import (
     convert_prediction,
     timestep_bins,
 )
-from .offload_utils import run_on_member_device
+from .offload_utils import enable_group_offload_per_member, run_on_member_device
 
 # Config keys pipelines read from `pipe.unet.config`; every member must agree on them.
 INTERFACE_KEYS = (
@@ -570,6 +570,16 @@ class FusedUNet(ModelMixin, ConfigMixin):
 
     def disable_forward_chunking(self) -> None:
         self._call_on_members("disable_forward_chunking")
+
+    def enable_group_offload(
+        self,
+        onload_device: Union[str, torch.device],
+        offload_device: Union[str, torch.device] = torch.device("cpu"),
+        **kwargs: Any,
+    ) -> None:
+        """`ModelMixin.enable_group_offload` (same arguments), applied to each member on its own (and so by
+        `pipe.enable_group_offload`): at most one member's current group is on `onload_device` at a time."""
+        enable_group_offload_per_member(self, onload_device, offload_device=offload_device, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- LoRA members
     @classmethod

@@ -6,9 +6,10 @@ other member whose weights are elsewhere gets its inputs moved to its device her
 device of `sample`, so the members' predictions can be combined.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from diffusers.hooks import apply_group_offloading
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -49,3 +50,24 @@ def run_on_member_device(member: nn.Module, sample: torch.Tensor, timestep: Any,
     if target is not None:
         sample, timestep, kwargs = to_device((sample, timestep, kwargs), target)
     return to_device(member(sample, timestep, **kwargs), device)
+
+
+def enable_group_offload_per_member(
+    fused: nn.Module,
+    onload_device: Union[str, torch.device],
+    offload_device: Union[str, torch.device] = torch.device("cpu"),
+    **kwargs: Any,
+) -> None:
+    """Diffusers' group offloading applied to each member (and member text encoder) on its own.
+
+    Applied to the whole fusion, `block_level` offloading would make each member one group and offload it with
+    `member.to()`, which Diffusers refuses (with a warning only) on a group-offloaded model unless streams are used:
+    the members would stay on the accelerator. LoRA members share one base, which is offloaded once.
+    """
+    seen = set()
+    for module in [*fused.unets, *getattr(fused, "text_encoders", [])]:
+        module = getattr(module, "base", module)  # `LoraMember`s share their base UNet
+        if id(module) not in seen:
+            seen.add(id(module))
+            apply_group_offloading(module, onload_device=torch.device(onload_device),
+                                   offload_device=torch.device(offload_device), **kwargs)  # fmt: skip

@@ -32,16 +32,17 @@ def test_group_offload_per_member_matches_plain_fusion():
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-def test_group_offload_of_the_fusion_makes_one_group_per_member():
-    fused = FusedUNet([get_dummy_unet(0), get_dummy_unet(1)], weights=[0.3, 0.7])
-    sample, timestep, hidden = unet_inputs()
-    with torch.no_grad():
-        expected = fused(sample, timestep, encoder_hidden_states=hidden).sample
-        fused.enable_group_offload(CPU, offload_device=CPU, offload_type="block_level", num_blocks_per_group=1)
-        groups = [member._diffusers_hook.get_hook("group_offloading").group for member in fused.unets]
-        actual = fused(sample, timestep, encoder_hidden_states=hidden).sample
-    assert [group.modules for group in groups] == [[fused.unets[0]], [fused.unets[1]]]  # each member onloaded whole
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+def test_pipeline_group_offload_offloads_each_member_by_blocks():
+    components = get_dummy_components(num_members=2, weights=[0.4, 0.6])
+    call = dict(prompt="a cat", num_inference_steps=2, guidance_scale=5.0, output_type="np")
+    expected = ScoreFusionPipeline(**components)(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe = ScoreFusionPipeline(**components)
+    pipe.enable_group_offload(CPU, offload_device=CPU, offload_type="block_level", num_blocks_per_group=1)
+    for member in pipe.unet.unets:  # groups are the members' blocks, not whole members (which Diffusers won't move)
+        group = member.down_blocks[0]._diffusers_hook.get_hook("group_offloading").group
+        assert group.modules == [member.down_blocks[0]] and _is_group_offload_enabled(member)
+    actual = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(actual, expected)
 
 
 def test_model_cpu_offload_moves_the_fusion_as_one_component():
