@@ -5,7 +5,6 @@ The loss ``L(lambda) = E w(t) || sum_i lambda_i eps_i(x_t, t) - eps ||^2`` is th
 solved exactly. ``method="sgd"`` is the paper's reference procedure (softmax logits, SGD with momentum).
 """
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -16,8 +15,9 @@ from tqdm.auto import tqdm
 
 from .fitting_utils import (
     check_options,
-    check_tensor,
+    member_inputs,
     noised_batches,
+    provenance_record,
     reduce_sum,
     resolve_timestep_range,
     shared_seed,
@@ -56,18 +56,6 @@ class FitResult(BaseOutput):
     linear: torch.Tensor
     constant: torch.Tensor
     provenance: Dict[str, Any]
-
-
-def _data_fingerprint(tensors: Sequence[Optional[torch.Tensor]]) -> str:
-    """sha256 of the tensors' shapes, dtypes and bytes."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{tuple(data.shape)}|{data.dtype}|".encode())
-        digest.update(data.flatten().view(torch.uint8).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
 
 
 def _zero_sums(num_samples: int, num_bins: int, num_members: int) -> Dict[str, torch.Tensor]:
@@ -189,7 +177,7 @@ def fit_weights(
         noise_scheduler (`SchedulerMixin`): the members' training noise schedule (its `alphas_cumprod`); its
             `prediction_type` and schedule must match `fused`.
         latents (`torch.Tensor`): the target samples in model space `(N, C, H, W)` (VAE latents times the scaling
-            factor for Stable Diffusion, pixels in [-1, 1] for a pixel-space model), on `fused`'s device and dtype.
+            factor for Stable Diffusion, pixels in [-1, 1] for a pixel-space model), in `fused`'s dtype.
         encoder_hidden_states (`torch.Tensor`, *optional*): per-sample conditioning `(N, L, D)`; `None` for
             unconditional members.
         unet_kwargs (`dict`, *optional*): more member inputs (e.g. SDXL's `added_cond_kwargs`). Tensors (also inside
@@ -235,7 +223,7 @@ def fit_weights(
             f"method='sgd' fits one weight vector on one process; got num_timestep_bins={num_timestep_bins}, "
             f"{num_processes} processes (use method='exact')"
         )
-    member_inputs = _member_inputs(fused, latents, encoder_hidden_states, unet_kwargs)
+    inputs = member_inputs(fused, latents, encoder_hidden_states, unet_kwargs)
     t_min, t_max = resolve_timestep_range(timestep_range, alphas_cumprod)
     if num_timestep_bins > t_max - t_min + 1:
         raise ValueError(f"num_timestep_bins={num_timestep_bins} exceeds the {t_max - t_min + 1} timesteps in [{t_min}, {t_max}]")
@@ -248,7 +236,7 @@ def fit_weights(
     is_main = accelerator is None or accelerator.is_main_process
 
     def batches() -> Iterator[Dict[str, torch.Tensor]]:
-        return noised_batches(fused, alphas_cumprod, latents, member_inputs, indices, seed, (t_min, t_max), bin_edges,
+        return noised_batches(fused, alphas_cumprod, latents, inputs, indices, seed, (t_min, t_max), bin_edges,
                               options)  # fmt: skip
 
     sums = _zero_sums(num_samples, num_timestep_bins, num_members)
@@ -269,49 +257,8 @@ def fit_weights(
     num_forward_passes = int(reduce_sum(torch.tensor([float(num_forward_passes)]), accelerator).item())
     return _finish(fused, sums, weights if method == "sgd" else None, num_forward_passes, bin_edges, seed, dict(
         method=method, timestep_range=[t_min, t_max], timestep_range_name=timestep_range if isinstance(timestep_range, str)
-        else None, num_processes=num_processes, latents=latents, member_inputs=member_inputs,
+        else None, num_processes=num_processes, latents=latents, member_inputs=inputs,
         **options))  # fmt: skip
-
-
-def _member_inputs(
-    fused: FusedUNet, latents: Any, encoder_hidden_states: Optional[torch.Tensor], unet_kwargs: Optional[Dict[str, Any]]
-) -> Dict[str, Any]:
-    """Validates the data and returns the keyword arguments the members get (before per-batch indexing)."""
-    check_tensor(latents, "latents")
-    if latents.ndim < 2 or latents.shape[0] == 0:
-        raise ValueError(f"latents must have shape (N, C, ...) with N >= 1, got shape {tuple(latents.shape)}")
-    if latents.shape[1] != fused.config.in_channels:
-        raise ValueError(f"latents have {latents.shape[1]} channels but the members take in_channels={fused.config.in_channels}")
-    if fused.config.out_channels != fused.config.in_channels:
-        raise ValueError(
-            f"members output {fused.config.out_channels} channels for {fused.config.in_channels} input channels; "
-            "fitting needs predictions of the sample's shape"
-        )
-    if latents.dtype != fused.dtype or latents.device != fused.device:
-        raise ValueError(f"latents are {latents.dtype} on {latents.device} but the members are {fused.dtype} on {fused.device}")
-    if unet_kwargs is not None and not isinstance(unet_kwargs, dict):
-        raise TypeError(f"unet_kwargs must be a dict, got {type(unet_kwargs).__name__}")
-    member_inputs = dict(unet_kwargs or {})
-    if encoder_hidden_states is not None:
-        if "encoder_hidden_states" in member_inputs:
-            raise ValueError("encoder_hidden_states given both as an argument and in unet_kwargs")
-        check_tensor(encoder_hidden_states, "encoder_hidden_states")
-        if encoder_hidden_states.ndim < 2 or encoder_hidden_states.shape[0] != latents.shape[0]:
-            raise ValueError(
-                f"encoder_hidden_states must have one row per sample, shape ({latents.shape[0]}, ...), got "
-                f"{tuple(encoder_hidden_states.shape)}"
-            )
-        member_inputs["encoder_hidden_states"] = encoder_hidden_states
-    _check_finite_inputs(member_inputs, "unet_kwargs")
-    return member_inputs
-
-
-def _check_finite_inputs(value: Any, name: str) -> None:
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        check_tensor(value, name)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_finite_inputs(item, f"{name}[{key!r}]")
 
 
 def _finish(
@@ -338,7 +285,7 @@ def _finish(
     squeeze = (lambda x: x) if binned else (lambda x: None if x is None else x[0])  # noqa: E731
     edges = bin_edges.tolist() if binned else None
     result_weights, result_errors = squeeze(weights), squeeze(standard_errors)
-    provenance = _provenance(info, float(loss), per_model_loss, result_errors, num_forward_passes, seed, edges)
+    provenance = provenance_record(info, float(loss), per_model_loss, result_errors, num_forward_passes, seed, edges)
     result = FitResult(
         weights=result_weights, loss=float(loss), per_model_loss=per_model_loss, num_forward_passes=num_forward_passes,
         standard_errors=result_errors, timestep_bin_edges=edges, gram=squeeze(gram / count[:, None, None]),
@@ -347,37 +294,6 @@ def _finish(
     if info["set_weights"]:
         fused.set_weights(result_weights, timestep_bin_edges=edges, provenance=provenance)
     return result
-
-
-def _provenance(
-    info: Dict[str, Any],
-    loss: float,
-    per_model_loss: torch.Tensor,
-    standard_errors: Optional[torch.Tensor],
-    num_forward_passes: int,
-    seed: int,
-    bin_edges: Optional[List[float]],
-) -> Dict[str, Any]:
-    """A JSON-serialisable record of how the weights were obtained."""
-    from . import __version__
-
-    provenance = dict(
-        method=info["method"], library=f"diffusers-scorefusion {__version__}", num_samples=int(info["latents"].shape[0]),
-        num_noise_draws=info["num_noise_draws"], timestep_range=info["timestep_range"],
-        timestep_range_name=info["timestep_range_name"], weighting=info["weighting"],
-        num_timestep_bins=info["num_timestep_bins"], timestep_bin_edges=bin_edges, batch_size=info["batch_size"],
-        loss=loss, per_model_loss=per_model_loss.tolist(),
-        standard_errors=None if standard_errors is None else standard_errors.tolist(),
-        num_bootstrap=info["num_bootstrap"] if info["method"] == "exact" else 0, num_forward_passes=num_forward_passes,
-        seed=None if info["generator"] is None else int(info["generator"].initial_seed()), noise_seed=seed,
-        num_processes=info["num_processes"],
-        data_fingerprint=_data_fingerprint([info["latents"], info["member_inputs"].get("encoder_hidden_states")]),
-    )  # fmt: skip
-    if info["weighting"] == "min_snr":
-        provenance["snr_gamma"] = info["snr_gamma"]
-    if info["method"] == "sgd":
-        provenance.update(num_epochs=info["num_epochs"], learning_rate=info["learning_rate"], momentum=info["momentum"])
-    return provenance
 
 
 def encode_for_fitting(

@@ -1,12 +1,20 @@
 """Plumbing for `fit_weights`: option checks, per-sample noise, noised batches through the members, process sums."""
 
+import hashlib
 import numbers
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .fusion_utils import LOSS_WEIGHTINGS, alpha_sigma, denoising_target, loss_weighting, score_matching_statistics, timestep_bins
+from .fusion_utils import (
+    LOSS_WEIGHTINGS,
+    alpha_sigma,
+    denoising_target,
+    loss_weighting,
+    score_matching_statistics,
+    timestep_bins,
+)
 
 TIMESTEP_RANGES = ("full", "small_t")
 SMALL_T_MAX_SIGMA = 0.1  # "small_t": timesteps whose noise std sigma_t = sqrt(1 - alphas_cumprod[t]) is at most this
@@ -178,3 +186,87 @@ def noised_batches(
             pending = pending[batch_size:]
     if pending:
         yield _run_batch(fused, alphas_cumprod, latents, member_inputs, pending, bin_edges, options)
+
+
+def data_fingerprint(tensors: Sequence[Optional[torch.Tensor]]) -> str:
+    """sha256 of the tensors' shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(data.shape)}|{data.dtype}|".encode())
+        digest.update(data.flatten().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def member_inputs(
+    fused: Any, latents: Any, encoder_hidden_states: Optional[torch.Tensor], unet_kwargs: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """Validates the data and returns the keyword arguments the members get (before per-batch indexing)."""
+    check_tensor(latents, "latents")
+    if latents.ndim < 2 or latents.shape[0] == 0:
+        raise ValueError(f"latents must have shape (N, C, ...) with N >= 1, got shape {tuple(latents.shape)}")
+    if latents.shape[1] != fused.config.in_channels:
+        raise ValueError(f"latents have {latents.shape[1]} channels but the members take in_channels={fused.config.in_channels}")
+    if fused.config.out_channels != fused.config.in_channels:
+        raise ValueError(
+            f"members output {fused.config.out_channels} channels for {fused.config.in_channels} input channels; "
+            "fitting needs predictions of the sample's shape"
+        )
+    if latents.dtype != fused.dtype:  # devices may differ: FusedUNet hands each member its inputs on its device
+        raise ValueError(f"latents are {latents.dtype} but the members are {fused.dtype}; convert them with .to()")
+    if unet_kwargs is not None and not isinstance(unet_kwargs, dict):
+        raise TypeError(f"unet_kwargs must be a dict, got {type(unet_kwargs).__name__}")
+    member_inputs = dict(unet_kwargs or {})
+    if encoder_hidden_states is not None:
+        if "encoder_hidden_states" in member_inputs:
+            raise ValueError("encoder_hidden_states given both as an argument and in unet_kwargs")
+        check_tensor(encoder_hidden_states, "encoder_hidden_states")
+        if encoder_hidden_states.ndim < 2 or encoder_hidden_states.shape[0] != latents.shape[0]:
+            raise ValueError(
+                f"encoder_hidden_states must have one row per sample, shape ({latents.shape[0]}, ...), got "
+                f"{tuple(encoder_hidden_states.shape)}"
+            )
+        member_inputs["encoder_hidden_states"] = encoder_hidden_states
+    check_finite_inputs(member_inputs, "unet_kwargs")
+    return member_inputs
+
+
+def check_finite_inputs(value: Any, name: str) -> None:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        check_tensor(value, name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_finite_inputs(item, f"{name}[{key!r}]")
+
+
+def provenance_record(
+    info: Dict[str, Any],
+    loss: float,
+    per_model_loss: torch.Tensor,
+    standard_errors: Optional[torch.Tensor],
+    num_forward_passes: int,
+    seed: int,
+    bin_edges: Optional[List[float]],
+) -> Dict[str, Any]:
+    """A JSON-serialisable record of how the weights were obtained."""
+    from . import __version__  # imported late: the package imports this module
+
+    provenance = dict(
+        method=info["method"], library=f"diffusers-scorefusion {__version__}", num_samples=int(info["latents"].shape[0]),
+        num_noise_draws=info["num_noise_draws"], timestep_range=info["timestep_range"],
+        timestep_range_name=info["timestep_range_name"], weighting=info["weighting"],
+        num_timestep_bins=info["num_timestep_bins"], timestep_bin_edges=bin_edges, batch_size=info["batch_size"],
+        loss=loss, per_model_loss=per_model_loss.tolist(),
+        standard_errors=None if standard_errors is None else standard_errors.tolist(),
+        num_bootstrap=info["num_bootstrap"] if info["method"] == "exact" else 0, num_forward_passes=num_forward_passes,
+        seed=None if info["generator"] is None else int(info["generator"].initial_seed()), noise_seed=seed,
+        num_processes=info["num_processes"],
+        data_fingerprint=data_fingerprint([info["latents"], info["member_inputs"].get("encoder_hidden_states")]),
+    )  # fmt: skip
+    if info["weighting"] == "min_snr":
+        provenance["snr_gamma"] = info["snr_gamma"]
+    if info["method"] == "sgd":
+        provenance.update(num_epochs=info["num_epochs"], learning_rate=info["learning_rate"], momentum=info["momentum"])
+    return provenance

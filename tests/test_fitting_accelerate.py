@@ -4,10 +4,9 @@ import os
 import subprocess
 import sys
 
+import _accelerate_fit_script as script
 import numpy as np
 import pytest
-
-import _accelerate_fit_script as script
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_accelerate_fit_script.py")
 
