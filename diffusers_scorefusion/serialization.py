@@ -14,15 +14,18 @@ import shutil
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import safetensors.torch
 import transformers
 from torch import nn
 
 from .loading_utils import TEXT_ENCODER_CLASSES, load_member, load_member_text_encoder
 from .modeling_fused_unet import INTERFACE_KEYS, FusedUNet
+from .modeling_lora_member import LoraMember, load_lora_members
 
 CONFIG_NAME = "config.json"
 MEMBER_FOLDER = "member_{}"
 TEXT_ENCODER_FOLDER = "text_encoder_{}"
+LORA_BASE_FOLDER = "lora_base_{}"
 SOURCE_KEYS = ("pretrained_model_name_or_path", "subfolder", "revision", "variant")
 FUSION_KEYS = {
     "num_members": int,
@@ -35,6 +38,7 @@ FUSION_KEYS = {
     "weights_provenance": (dict, type(None)),
     "members": list,
     "text_encoders": list,
+    "lora_bases": list,
 }
 PRIVATE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 # Keyword arguments Diffusers' pipeline loader passes to a component's from_pretrained.
@@ -89,9 +93,14 @@ def save_fused_unet(
     sources = list(member_sources) if member_sources is not None else list(fused.member_sources)
     if len(sources) != fused.config.num_members:
         raise ValueError(f"member_sources must hold {fused.config.num_members} entries, got {len(sources)}")
+    lora_bases = _distinct_lora_bases(fused)
+    if lora_bases and reference_only:
+        raise ValueError("reference_only=True is not supported for LoRA members (from_lora); save self-contained")
     members = []
     for i, unet in enumerate(fused.unets):
         entry = {"class_name": type(unet).__name__, "config": _jsonable(_public_config(unet.config))}
+        if isinstance(unet, LoraMember):
+            entry["lora"] = {"base": _index_of(lora_bases, unet.base), "adapter_name": unet.adapter_name}
         if reference_only:
             source = sources[i]
             if not source or not source.get("pretrained_model_name_or_path"):
@@ -115,17 +124,48 @@ def save_fused_unet(
         else:
             entry["subfolder"] = TEXT_ENCODER_FOLDER.format(j + 1)
         text_encoders.append(entry)
-    config = {**dict(fused.config), "members": members, "text_encoders": text_encoders, "_class_name": "FusedUNet"}
+    config = {**dict(fused.config), "members": members, "text_encoders": text_encoders, "_class_name": "FusedUNet",
+              "lora_bases": [{"subfolder": LORA_BASE_FOLDER.format(b)} for b in range(len(lora_bases))]}  # fmt: skip
     with atomic_directory(save_directory) as staging:
         if not reference_only:
+            for b, base in enumerate(lora_bases):
+                _save_lora_base(base, os.path.join(staging, LORA_BASE_FOLDER.format(b)), variant)
             for i, unet in enumerate(fused.unets):
-                unet.save_pretrained(os.path.join(staging, MEMBER_FOLDER.format(i)), safe_serialization=True,
-                                     variant=variant, max_shard_size=max_shard_size)  # fmt: skip
+                folder = os.path.join(staging, MEMBER_FOLDER.format(i))
+                if isinstance(unet, LoraMember):
+                    unet.save_lora_weights(folder)
+                else:
+                    unet.save_pretrained(folder, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
             for j, encoder in enumerate(fused.text_encoders):
                 encoder.save_pretrained(os.path.join(staging, TEXT_ENCODER_FOLDER.format(j + 1)), safe_serialization=True)
         with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as handle:
             json.dump(_jsonable(config), handle, indent=2, sort_keys=True)
             handle.write("\n")
+
+
+def _distinct_lora_bases(fused: FusedUNet) -> List[nn.Module]:
+    bases: List[nn.Module] = []
+    for unet in fused.unets:
+        if isinstance(unet, LoraMember) and _index_of(bases, unet.base) is None:
+            bases.append(unet.base)
+    return bases
+
+
+def _index_of(modules: Sequence[nn.Module], module: nn.Module) -> Optional[int]:
+    return next((i for i, known in enumerate(modules) if known is module), None)
+
+
+def _save_lora_base(base: nn.Module, folder: str, variant: Optional[str]) -> None:
+    """The shared base of LoRA members as a standard UNet folder: PEFT layers stripped, adapters saved elsewhere."""
+    state_dict = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:  # lora_A / lora_B / lora_embedding_* / lora_magnitude_vector of any adapter
+            continue
+        state_dict[key.replace(".base_layer.", ".")] = value.detach().contiguous()
+    os.makedirs(folder)
+    base.save_config(folder)
+    name = "diffusion_pytorch_model.safetensors" if variant is None else f"diffusion_pytorch_model.{variant}.safetensors"
+    safetensors.torch.save_file(state_dict, os.path.join(folder, name), metadata={"format": "pt"})
 
 
 def _check_config(config: Dict[str, Any], where: str) -> None:
@@ -147,7 +187,7 @@ def _check_config(config: Dict[str, Any], where: str) -> None:
     for i, member in enumerate(config["members"]):
         if not isinstance(member, dict) or not isinstance(member.get("config"), dict):
             raise ValueError(f"{where}: members[{i}] must be a dict with a 'config' dict, got {member!r}")
-        unknown = set(member) - set(SOURCE_KEYS) - {"class_name", "config"}
+        unknown = set(member) - set(SOURCE_KEYS) - {"class_name", "config", "lora"}
         if unknown:
             raise ValueError(f"{where}: members[{i}] has unknown keys {sorted(unknown)}")
 
@@ -190,6 +230,19 @@ def _load_text_encoder(
     )
 
 
+def _load_lora_member(
+    lora: Any, spec: Dict[str, Any], bases: List[nn.Module], allow_pickle: bool, hub_kwargs: Dict[str, Any]
+) -> LoraMember:
+    if not isinstance(lora, dict) or not isinstance(lora.get("base"), int) or not 0 <= lora["base"] < len(bases):
+        raise ValueError(f"a LoRA member entry must name a base index below {len(bases)}, got {lora!r}")
+    kwargs = {**hub_kwargs, "subfolder": spec["subfolder"]}
+    if spec.get("revision") is not None:
+        kwargs["revision"] = spec["revision"]
+    (member,) = load_lora_members(bases[lora["base"]], [spec["pretrained_model_name_or_path"]],
+                                  adapter_names=[lora.get("adapter_name")], allow_pickle=allow_pickle, **kwargs)  # fmt: skip
+    return member
+
+
 def load_fused_unet(
     pretrained_model_name_or_path: str,
     subfolder: Optional[str] = None,
@@ -223,6 +276,14 @@ def load_fused_unet(
     members: List[nn.Module] = []
     sources: List[Optional[Dict[str, Any]]] = []
     specs: List[Dict[str, Any]] = []
+    lora_bases = []
+    for b, entry in enumerate(config["lora_bases"]):
+        spec = {"pretrained_model_name_or_path": source, "subfolder": _join(subfolder, entry.get("subfolder")),
+                "revision": revision, "variant": variant}  # fmt: skip
+        try:
+            lora_bases.append(load_member(spec, allow_pickle=allow_pickle, **member_kwargs, **hub_kwargs)[0])
+        except ValueError as error:
+            raise ValueError(f"could not load LoRA base {b} from {spec}: {error}") from error
     for i, entry in enumerate(config["members"]):
         if entry.get("pretrained_model_name_or_path"):  # reference-only: an external repo or path
             spec = {key: entry.get(key) for key in SOURCE_KEYS}
@@ -237,7 +298,10 @@ def load_fused_unet(
         else:
             member_kwargs.pop("device_map", None)
         try:
-            unet, _ = load_member(spec, allow_pickle=allow_pickle, **member_kwargs, **hub_kwargs)
+            if "lora" in entry:
+                unet = _load_lora_member(entry["lora"], spec, lora_bases, allow_pickle, hub_kwargs)
+            else:
+                unet, _ = load_member(spec, allow_pickle=allow_pickle, **member_kwargs, **hub_kwargs)
         except (EnvironmentError, ValueError, RuntimeError) as error:
             raise ValueError(f"could not load member {i} from {spec}: {error}") from error
         _check_member_config(i, unet, entry["config"])
