@@ -280,3 +280,45 @@ def test_from_pretrained_refuses_bad_members(saved):
         ScoreFusionPipeline.from_pretrained(saved / "base", unets=[saved / "unet_0", saved / "nowhere"])
     with pytest.raises(ValueError, match="weights= needs unets="):
         ScoreFusionPipeline.from_pretrained(saved / "base", weights=[1.0])
+
+
+def test_from_pretrained_mixing_a_unet_folder_and_a_pipeline_folder(parts, saved):
+    # only pipeline folders declare a noise schedule: a mix cannot be checked, so it is refused with the member index
+    with pytest.raises(ValueError, match=r"members \[0\] come without a scheduler config while others have one"):
+        ScoreFusionPipeline.from_pretrained(saved / "base", unets=[saved / "unet_0", saved / "pipeline_1"])
+
+
+# ------------------------------------------------------------------------------------------------ converted members
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm_multistep"])
+def test_v_prediction_member_in_an_epsilon_fusion_matches_the_stock_v_pipeline(parts, name):
+    # Euler's linspace timesteps include a fractional one (499.5): the conversion must use that step's noise level
+    scheduler_class, overrides = SCHEDULERS[name]
+    v_config = get_dummy_scheduler(prediction_type="v_prediction").config
+    member = parts["members"][2]
+    stock = _stock(parts, member, scheduler_class.from_config(v_config, **overrides))
+    fused = FusedUNet([member], prediction_type="epsilon", member_schedulers=[v_config])
+    fusion = ScoreFusionPipeline(**_components(parts, fused, scheduler_class.from_config(get_dummy_scheduler().config)))
+    fusion.set_progress_bar_config(disable=True)
+    expected = _generate(stock, num_inference_steps=3)
+    # the stock scheduler converts v -> x0 and the fusion v -> eps: the same maths in another float32 order (~1e-5)
+    np.testing.assert_allclose(_generate(fusion, num_inference_steps=3), expected, rtol=0, atol=5e-5)
+    assert np.abs(_generate(_fusion(parts, [member]), num_inference_steps=3) - expected).max() > 1e-3
+
+
+def test_weights_are_restored_when_the_call_fails(parts):
+    pipe = _fusion(parts, parts["members"][:2], [0.5, 0.5])
+
+    def failing_callback(pipeline, step, timestep, callback_kwargs):
+        assert pipeline.unet.fusion_weights.tolist() == [1.0, 0.0]
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        _generate(pipe, fusion_weights=[1.0, 0.0], callback_on_step_end=failing_callback)
+    assert pipe.unet.fusion_weights.tolist() == [0.5, 0.5]
+
+
+def test_progress_bar_shows_every_step(parts, capsys):
+    pipe = _fusion(parts, parts["members"][:2])
+    pipe.set_progress_bar_config(disable=False)
+    _generate(pipe, num_inference_steps=3)
+    assert "3/3" in capsys.readouterr().err
