@@ -113,6 +113,22 @@ class LoraMember(nn.Module):
         self.base.disable_forward_chunking()
 
 
+def base_state_dict(base: nn.Module) -> Dict[str, torch.Tensor]:
+    """The base UNet's own weights under its plain Diffusers names: adapter weights dropped, `base_layer.` removed."""
+    return {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items() if ".lora_" not in key}
+
+
+def save_base_unet(base: nn.Module, save_directory: Union[str, os.PathLike], max_shard_size: Union[int, str] = "10GB") -> None:
+    """Writes the shared base UNet without its adapters as a standard Diffusers UNet folder (safetensors, sharded
+    like `ModelMixin.save_pretrained`); `UNet2DConditionModel.from_pretrained` loads it."""
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(save_directory, exist_ok=True)
+    base.save_config(save_directory)
+    save_torch_state_dict(base_state_dict(base), save_directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size=max_shard_size, metadata={"format": "pt"})  # fmt: skip
+
+
 def _describe(lora: LoraSpec) -> str:
     return f"state dict with {len(lora)} tensors" if isinstance(lora, Mapping) else repr(os.fspath(lora))
 

@@ -2,13 +2,15 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusers import StableDiffusionPipeline
-from diffusers_scorefusion import FusedUNet, LoraMember
-from diffusers_scorefusion.testing_utils import get_dummy_unet, get_dummy_xl_unet
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers_scorefusion import FusedUNet, LoraMember, ScoreFusionXLPipeline
+from diffusers_scorefusion.modeling_lora_member import save_base_unet
+from diffusers_scorefusion.testing_utils import get_dummy_unet, get_dummy_xl_components, get_dummy_xl_unet
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402
@@ -113,12 +115,32 @@ def test_from_lora_to_dtype_and_xl(tmp_path):
     assert fused.dtype == torch.float64
 
 
-def test_saved_member_loras_round_trip(loras, tmp_path):
+def test_xl_pipeline_with_lora_fusion_matches_stock_pipeline_with_merged_lora(tmp_path):
+    """The paper's SDXL set-up: two LoRA fine-tunes of one base; a one-hot fusion is the merged LoRA's pipeline."""
+    components = get_dummy_xl_components(num_members=1)
+    base = components["unet"].unets[0]
+    adapted = [random_lora_unet(base, 30 + i) for i in range(2)]
+    sources = [save_pipeline_format(unet, tmp_path / str(i)) for i, unet in enumerate(adapted)]
+    pipe = ScoreFusionXLPipeline(**{**components, "unet": FusedUNet.from_lora(copy.deepcopy(base), sources)})
+    stock = StableDiffusionXLPipeline(**{**components, "unet": merged(adapted[1])})
+    call = dict(prompt="a portrait", num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="np")
+    expected = stock(**call, generator=torch.Generator().manual_seed(0)).images
+    actual = pipe(**call, fusion_weights=[0.0, 1.0], generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+def test_save_base_and_adapters_round_trip(loras, tmp_path):
+    """How a LoRA fusion is saved: the base once (without adapters) plus one Diffusers LoRA folder per member."""
     base, _, sources = loras
     fused = FusedUNet.from_lora(copy.deepcopy(base), sources, weights=[0.2, 0.5, 0.3], adapter_names=["x", "y", "z"])
+    save_base_unet(fused.unets[0].base, tmp_path / "base", max_shard_size="200KB")  # sharded, as for SDXL
     for i, member in enumerate(fused.unets):
-        member.save_lora_weights(tmp_path / f"saved_{i}")
-    again = FusedUNet.from_lora(copy.deepcopy(base), [tmp_path / f"saved_{i}" for i in range(3)], weights=[0.2, 0.5, 0.3])
+        member.save_lora_weights(tmp_path / f"lora_{i}")
+    loaded_base = UNet2DConditionModel.from_pretrained(tmp_path / "base")
+    expected_state = base.state_dict()
+    assert loaded_base.state_dict().keys() == expected_state.keys()
+    assert all(torch.equal(value, expected_state[key]) for key, value in loaded_base.state_dict().items())
+    again = FusedUNet.from_lora(loaded_base, [tmp_path / f"lora_{i}" for i in range(3)], weights=[0.2, 0.5, 0.3])
     sample, timestep, kwargs = unet_inputs(base)
     with torch.no_grad():
         torch.testing.assert_close(again(sample, timestep, **kwargs).sample, fused(sample, timestep, **kwargs).sample,
