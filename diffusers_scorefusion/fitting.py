@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
@@ -246,13 +247,21 @@ def fit_weights(
         if method == "sgd":
             weights, num_forward_passes = _sgd(batches, num_members, sums, options, progress)
         else:
-            num_forward_passes, seen = 0, set()
-            for batch in batches():
-                num_forward_passes += num_members
-                _accumulate(sums, batch)
-                new = set(batch["sample_index"].tolist()) - seen
-                seen |= new
-                progress.update(len(new))
+            num_forward_passes, seen, failure = 0, set(), None
+            try:
+                for batch in batches():
+                    num_forward_passes += num_members
+                    _accumulate(sums, batch)
+                    new = set(batch["sample_index"].tolist()) - seen
+                    seen |= new
+                    progress.update(len(new))
+            except ValueError as error:  # e.g. NaN from a member: tell the other processes before raising
+                failure = error
+            failed_processes = int(reduce_sum(torch.tensor([float(failure is not None)]), accelerator).item())
+            if failure is not None:
+                raise failure
+            if failed_processes:
+                raise ValueError(f"{failed_processes} other process(es) failed during the pass; see their error")
     sums = {name: reduce_sum(value, accelerator) for name, value in sums.items()}
     num_forward_passes = int(reduce_sum(torch.tensor([float(num_forward_passes)]), accelerator).item())
     return _finish(fused, sums, weights if method == "sgd" else None, num_forward_passes, bin_edges, seed, dict(
@@ -318,7 +327,7 @@ def encode_for_fitting(
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError("images is empty: fitting needs at least one target image")
-        sizes = {tuple(getattr(image, "size", None) or tuple(np.shape(image))) for image in images}
+        sizes = {tuple(image.size) if isinstance(image, PIL.Image.Image) else tuple(np.shape(image)) for image in images}
         if len(sizes) > 1:
             raise ValueError(f"all images must have the same size, got {sorted(sizes)}")
     pixels = pipe.image_processor.preprocess(images, height=height, width=width)  # (N, 3, H, W) in [-1, 1]

@@ -1,5 +1,7 @@
 """Fits weights on a fixed conditional Gaussian problem and writes each process's result to `<out_dir>/rank<i>.json`.
 
+Then fits again with a member that returns NaN on process 1 only, and records each process's error.
+
 Run by tests/test_fitting_accelerate.py with `accelerate launch --num_processes 2 --cpu` (and imported for the
 one-process reference). An odd number of samples makes the two shards unequal.
 """
@@ -19,13 +21,27 @@ from diffusers_scorefusion.testing_utils import get_dummy_scheduler  # noqa: E40
 NUM_SAMPLES = 13
 
 
-def run(accelerator=None) -> dict:
+class NaNOnThisProcess(torch.nn.Module):
+    """Wraps a member so that it returns NaN (on the process that builds it)."""
+
+    def __init__(self, member):
+        super().__init__()
+        self.member, self.config, self.num_calls = member, member.config, 0
+
+    def forward(self, sample, timestep, **kwargs):
+        self.num_calls += 1
+        return (torch.full_like(self.member(sample, timestep, **kwargs)[0], float("nan")),)
+
+
+def run(accelerator=None, broken_member: bool = False) -> dict:
     """The fit on this process; returns what is compared across runs (JSON-ready)."""
     scheduler = get_dummy_scheduler()
     means = member_means(3)
     prompt_embeds = torch.randn(NUM_SAMPLES, 5, 8, generator=torch.Generator().manual_seed(7))
     latents = barycenter_samples(means, [0.2, 0.5, 0.3], NUM_SAMPLES) + prompt_embeds.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
     fused = gaussian_fusion(means, scheduler)
+    if broken_member:
+        fused.unets[1] = NaNOnThisProcess(fused.unets[1])
     result = fit_weights(fused, scheduler, latents, encoder_hidden_states=prompt_embeds, num_noise_draws=3, batch_size=4,
                          num_timestep_bins=2, num_bootstrap=50, generator=torch.Generator().manual_seed(0),
                          accelerator=accelerator, progress_bar=False)  # fmt: skip
@@ -43,6 +59,11 @@ if __name__ == "__main__":
 
     state = PartialState(cpu=True)  # torchrun on CPU: gloo
     output = run(state)
+    try:  # a member fails on process 1 only: every process must raise, none may hang
+        run(state, broken_member=state.process_index == 1)
+        output["failure"] = None
+    except ValueError as error:
+        output["failure"] = str(error)
     path = os.path.join(sys.argv[1], f"rank{state.process_index}.json")
     with open(path + ".tmp", "w") as file:
         json.dump(dict(output, num_processes=state.num_processes), file)

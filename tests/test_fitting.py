@@ -9,6 +9,7 @@ from _gaussian_members import STD, barycenter_samples, gaussian_fusion, member_m
 from diffusers import DDPMScheduler
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline, fit_weights, solve_simplex_qp
+from diffusers_scorefusion.fitting import encode_for_fitting
 from diffusers_scorefusion.fitting_utils import SMALL_T_MAX_SIGMA, resolve_timestep_range
 from diffusers_scorefusion.fusion_utils import denoising_target, quadratic_loss
 from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_scheduler
@@ -255,6 +256,11 @@ def test_pipeline_fits_from_images_and_prompts():
                              generator=torch.Generator().manual_seed(0), progress_bar=False)  # fmt: skip
     assert again.provenance["data_fingerprint"] == result.provenance["data_fingerprint"]
     torch.testing.assert_close(again.weights, result.weights)
+    as_tensors = [torch.from_numpy(image).permute(2, 0, 1) for image in quantized]  # (3, H, W) in [0, 1]
+    from_tensors, embeds = encode_for_fitting(pipe, as_tensors, "one caption for all")
+    from_images, _ = encode_for_fitting(pipe, images, prompts)
+    torch.testing.assert_close(from_tensors, from_images)
+    assert from_images.shape == (3, 4, 16, 16) and embeds.shape[0] == 3
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         pipe.fit_weights(images, prompts[:2])
     with pytest.raises(ValueError, match="same size"):

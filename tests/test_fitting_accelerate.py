@@ -17,7 +17,7 @@ def two_process_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("accelerate")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, str(out_dir)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)  # a hang fails here
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     results = []
     for rank in range(2):
@@ -41,3 +41,8 @@ def test_two_processes_equal_one_process(two_process_results):
     assert two_process_results[0]["num_forward_passes"] == 3 * sum(rows)
     assert sorted(result["member_calls"] for result in two_process_results) == sorted(3 * r for r in rows)
     assert single["num_forward_passes"] == 3 * math.ceil(script.NUM_SAMPLES * 3 / 4)
+
+
+def test_a_failure_on_one_process_is_raised_on_every_process(two_process_results):
+    assert "members [1] returned NaN" in two_process_results[1]["failure"]
+    assert "1 other process(es) failed" in two_process_results[0]["failure"]
