@@ -6,13 +6,14 @@ classifier-free guidance), 1024 x 1024 images (128 x 128 latents), 77 text token
 the all-on-GPU output. A last check puts member 0 on the GPU and member 1 on the CPU (tiny float32 members) and
 compares with both on the GPU: FusedUNet moves inputs to each member's device and outputs back.
 
-Usage (CUDA machine, about 2-4 minutes on one H100 with k = 2):
+Usage (CUDA machine; a few minutes on one H100 with k = 2, estimated: not yet run on a GPU):
     python benchmarks/gpu_offload_check.py [--num-members 2] [--steps 3]
 Without a GPU, `--dry-run` runs the same code with tiny members on the CPU (offload device = onload device = CPU).
 Prints a table and writes `benchmarks/results/gpu_offload_check.json` (or `--output`).
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -82,6 +83,7 @@ def _sync(device: torch.device) -> None:
 
 def measure(fused: FusedUNet, inputs: Dict[str, Any], steps: int, device: torch.device) -> Dict[str, Any]:
     """First-call time (includes any onloading), median of `steps` further calls, peak GPU memory, the output."""
+    gc.collect()  # earlier modes' fusions (hooks hold reference cycles)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
