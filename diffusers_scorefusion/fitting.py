@@ -106,6 +106,32 @@ def _bootstrap_standard_errors(
     return torch.stack(replicates).std(dim=0)
 
 
+def _exact_pass(
+    batches: Callable[[], Iterator[Dict[str, torch.Tensor]]],
+    num_members: int,
+    sums: Dict[str, torch.Tensor],
+    progress: tqdm,
+    accelerator: Optional[Any],
+) -> int:
+    """One pass over this process's samples filling `sums`; returns the member forwards. Failures reach all processes."""
+    num_forward_passes, seen, failure = 0, set(), None
+    try:
+        for batch in batches():
+            num_forward_passes += num_members
+            _accumulate(sums, batch)
+            new = set(batch["sample_index"].tolist()) - seen
+            seen |= new
+            progress.update(len(new))
+    except ValueError as error:  # e.g. NaN from a member: tell the other processes before raising, so none hangs
+        failure = error
+    failed_processes = int(reduce_sum(torch.tensor([float(failure is not None)]), accelerator).item())
+    if failure is not None:
+        raise failure
+    if failed_processes:
+        raise ValueError(f"{failed_processes} other process(es) failed during the pass; see their error")
+    return num_forward_passes
+
+
 def _sgd(
     batches: Callable[[], Iterator[Dict[str, torch.Tensor]]],
     num_members: int,
@@ -218,6 +244,8 @@ def fit_weights(
         batch_size=batch_size, num_bootstrap=num_bootstrap, num_epochs=num_epochs, learning_rate=learning_rate,
         momentum=momentum, generator=generator, callback=callback, set_weights=set_weights,
     )  # fmt: skip
+    if accelerator is not None and not all(hasattr(accelerator, name) for name in ("num_processes", "process_index")):
+        raise TypeError(f"accelerator must be an accelerate.Accelerator or PartialState, got {type(accelerator).__name__}")
     num_processes = 1 if accelerator is None else accelerator.num_processes
     if method == "sgd" and (num_timestep_bins > 1 or num_processes > 1):
         raise ValueError(
@@ -245,26 +273,12 @@ def fit_weights(
     progress = tqdm(total=total, desc=f"fit_weights ({method})", disable=not (progress_bar and is_main))
     with progress:
         if method == "sgd":
-            weights, num_forward_passes = _sgd(batches, num_members, sums, options, progress)
+            sgd_weights, num_forward_passes = _sgd(batches, num_members, sums, options, progress)
         else:
-            num_forward_passes, seen, failure = 0, set(), None
-            try:
-                for batch in batches():
-                    num_forward_passes += num_members
-                    _accumulate(sums, batch)
-                    new = set(batch["sample_index"].tolist()) - seen
-                    seen |= new
-                    progress.update(len(new))
-            except ValueError as error:  # e.g. NaN from a member: tell the other processes before raising
-                failure = error
-            failed_processes = int(reduce_sum(torch.tensor([float(failure is not None)]), accelerator).item())
-            if failure is not None:
-                raise failure
-            if failed_processes:
-                raise ValueError(f"{failed_processes} other process(es) failed during the pass; see their error")
+            sgd_weights, num_forward_passes = None, _exact_pass(batches, num_members, sums, progress, accelerator)
     sums = {name: reduce_sum(value, accelerator) for name, value in sums.items()}
     num_forward_passes = int(reduce_sum(torch.tensor([float(num_forward_passes)]), accelerator).item())
-    return _finish(fused, sums, weights if method == "sgd" else None, num_forward_passes, bin_edges, seed, dict(
+    return _finish(fused, sums, sgd_weights, num_forward_passes, bin_edges, seed, dict(
         method=method, timestep_range=[t_min, t_max], timestep_range_name=timestep_range if isinstance(timestep_range, str)
         else None, num_processes=num_processes, latents=latents, member_inputs=inputs,
         **options))  # fmt: skip
