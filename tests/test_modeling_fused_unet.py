@@ -147,6 +147,19 @@ def test_fusion_weights_property_and_override(members, inputs):
     assert FusedUNet(members).fusion_weights.tolist() == pytest.approx([1 / 3] * 3, abs=1e-15)
 
 
+def test_override_weights_on_a_binned_fusion(members, inputs):
+    sample, _, encoder_hidden_states = inputs
+    fused = FusedUNet(members[:2], weights=[[1.0, 0.0], [0.0, 1.0]], timestep_bin_edges=[0, 500, 1000])
+    with fused.override_weights([0.0, 1.0]):  # one row for every bin
+        assert fused.fusion_weights.tolist() == [[0.0, 1.0], [0.0, 1.0]]
+        expected = _run(members[1], sample, 100, encoder_hidden_states)
+        assert torch.equal(_run(fused, sample, 100, encoder_hidden_states), expected)
+    assert fused.fusion_weights.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match=r"fusion_weights must have shape \(k,\) or \(2, k\), got \(3, 2\)"):
+        with fused.override_weights([[1.0, 0.0]] * 3):
+            pass
+
+
 # ------------------------------------------------------------------------------------------------ prediction types
 def _to_epsilon(output, x_t, a, prediction_type):
     """The closed forms: eps = sqrt(a) v + sqrt(1 - a) x_t ;  eps = (x_t - sqrt(a) x0) / sqrt(1 - a)."""

@@ -235,6 +235,11 @@ def test_attention_slicing_reaches_every_member():
         processors = [m.processor for m in member.modules() if isinstance(m, Attention)]
         assert processors and all(isinstance(p, SlicedAttnProcessor) and p.slice_size == 1 for p in processors)
     np.testing.assert_allclose(_generate(pipe), before, rtol=0, atol=1e-5)  # slicing reorders sums only
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert all(block.b1 == 1.2 for member in members for block in member.up_blocks)
+    pipe.disable_freeu()
+    pipe.fuse_qkv_projections()
+    assert all(m.fused_projections for member in members for m in member.modules() if isinstance(m, Attention))
 
 
 # ------------------------------------------------------------------------------------------------ from_pretrained

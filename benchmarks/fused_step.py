@@ -1,0 +1,120 @@
+"""Times one denoising step of a FusedUNet against separate single-UNet forwards (CPU, float32, batch 2).
+
+Usage: `python benchmarks/fused_step.py [--repeats 7] [--threads 2]`. Prints a table and writes
+`benchmarks/results/fused_step.json`. Targets: fused / (sum of singles) <= 1.05 and a one-hot 4-member fusion
+<= 1.05 x one single forward.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+# On a shared CPU, OpenMP threads that spin while waiting make 2-thread forwards up to 100x slower; passive waiting
+# keeps the timings about the model. Set before torch is imported; an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from diffusers_scorefusion import FusedUNet  # noqa: E402
+
+BATCH_SIZE = 2
+SEQUENCE_LENGTH = 77
+UNET_CONFIG = dict(
+    block_out_channels=(64, 128, 256), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+    attention_head_dim=8, norm_num_groups=32,
+)  # fmt: skip
+RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fused_step.json")
+
+
+def make_unet(seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**UNET_CONFIG).eval()
+
+
+def paired_timings(fused: Callable[[], object], baseline: Callable[[], object], warmup: int, repeats: int) -> Dict:
+    """Times `fused` and `baseline` alternately (order flipped each round) so that load drift on a shared CPU hits
+    both alike; returns their medians and the median of the per-round ratios."""
+    for _ in range(warmup):
+        fused(), baseline()
+    fused_times, baseline_times = [], []
+    for round_index in range(repeats):
+        order = [(fused, fused_times), (baseline, baseline_times)]
+        for fn, times in order if round_index % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    ratios = [f / b for f, b in zip(fused_times, baseline_times)]
+    return {"fused_s": statistics.median(fused_times), "baseline_s": statistics.median(baseline_times),
+            "ratio": statistics.median(ratios), "ratio_of_min": min(fused_times) / min(baseline_times),
+            "fused_all_s": fused_times, "baseline_all_s": baseline_times}  # fmt: skip
+
+
+def write_json_atomically(data: Dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".fused_step.", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file, indent=2)
+            file.write("\n")
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=RESULTS_PATH)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    unets = [make_unet(seed) for seed in range(4)]
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(BATCH_SIZE, 4, 32, 32, generator=generator)  # (B, C, H, W)
+    encoder_hidden_states = torch.randn(BATCH_SIZE, SEQUENCE_LENGTH, 64, generator=generator)  # (B, L, D)
+    timestep = torch.tensor(500)
+
+    def single(unet: torch.nn.Module) -> Callable[[], object]:
+        return lambda: unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+
+    rows: List[Dict] = []
+    with torch.no_grad():
+        for k in (1, 2, 4):
+            timing = paired_timings(single(FusedUNet(unets[:k])), lambda k=k: [single(unet)() for unet in unets[:k]],
+                                    args.warmup, args.repeats)  # fmt: skip
+            rows.append({"case": f"k={k} uniform", "k": k, "baseline": f"{k} separate forwards", "target": 1.05, **timing})
+        one_hot = FusedUNet(unets, weights=[1.0, 0.0, 0.0, 0.0])
+        timing = paired_timings(single(one_hot), single(unets[0]), args.warmup, args.repeats)
+        rows.append({"case": "k=4 weights [1, 0, 0, 0]", "k": 4, "baseline": "1 single forward", "target": 1.05, **timing})
+
+    print(f"one denoising step, batch {BATCH_SIZE}, float32, CPU ({args.threads} threads), median of {args.repeats} paired rounds; ratio = median of per-round ratios")
+    print(f"{'case':<26} {'fused (ms)':>11} {'baseline':>22} {'base (ms)':>10} {'ratio':>7} {'min/min':>8}  target")
+    for row in rows:
+        verdict = "ok" if row["ratio"] <= row["target"] else "MISSED"
+        print(f"{row['case']:<26} {1e3 * row['fused_s']:>11.1f} {row['baseline']:>22} {1e3 * row['baseline_s']:>10.1f} "
+              f"{row['ratio']:>7.3f} {row['ratio_of_min']:>8.3f}  <= {row['target']} {verdict}")  # fmt: skip
+    write_json_atomically(
+        {
+            "benchmark": "fused_step", "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+            "parameters_per_member": sum(p.numel() for p in unets[0].parameters()), "batch_size": BATCH_SIZE,
+            "dtype": "float32", "device": "cpu", "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+            "torch": torch.__version__, "platform": platform.platform(), "load_average": os.getloadavg(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rows": rows,
+        },
+        args.output,
+    )  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
