@@ -32,8 +32,10 @@ def log_sigma_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 def timestep_at(log_sigma: float, table: torch.Tensor) -> float:
     """The fractional timestep whose interpolated ``log sigma_VE`` equals `log_sigma` (inverse of `alpha_sigma`)."""
-    if not table[0] <= log_sigma <= table[-1]:
+    tolerance = 1e-9 * float(table[-1] - table[0])  # float rounding at the ends
+    if not table[0] - tolerance <= log_sigma <= table[-1] + tolerance:
         raise ValueError(f"log sigma {log_sigma:.4f} is outside the schedule's range [{table[0]:.4f}, {table[-1]:.4f}]")
+    log_sigma = min(max(log_sigma, float(table[0])), float(table[-1]))
     high = int(torch.searchsorted(table, torch.tensor(log_sigma, dtype=torch.float64)).clamp(1, table.numel() - 1))
     low = high - 1
     return low + float((log_sigma - table[low]) / (table[high] - table[low]))

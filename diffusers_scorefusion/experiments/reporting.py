@@ -75,7 +75,8 @@ def markdown_table(rows: List[Dict[str, Any]], methods: Sequence[str], value: st
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,14 +91,14 @@ def save_figure(figure: Any, path: str) -> None:
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(figure)
+    pyplot().close(figure)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_metric_vs_n(rows: List[Dict[str, Any]], methods: Sequence[str], value: str, se: str, ylabel: str,
                      title: str, path: str, log_y: bool = False) -> None:  # fmt: skip
     """One line per method: mean ± s.e. against n (log-2 x axis)."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for method in methods:
         points = sorted((row["n"], row[value], row.get(se)) for row in rows if row["method"] == method)
@@ -131,7 +132,7 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
 
 def plot_image_panels(panels: Dict[str, np.ndarray], columns: int, title: str, path: str, vmax: float) -> None:
     """One image grid per named panel, side by side (grey levels 0..vmax, gaps white)."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.6), squeeze=False)
     cmap = plt.get_cmap("gray_r").copy()
     cmap.set_bad("white")
@@ -145,7 +146,7 @@ def plot_image_panels(panels: Dict[str, np.ndarray], columns: int, title: str, p
 
 def plot_spectrum(images: np.ndarray, labels: Sequence[str], title: str, path: str, vmax: float) -> None:
     """`images` of shape `(num_noises, num_weights, h, w)`: a row per initial noise, a column per weight vector."""
-    plt = _pyplot()
+    plt = pyplot()
     rows, cols = images.shape[:2]
     figure, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 0.4, 0.9 * rows + 0.6), squeeze=False)
     for r in range(rows):
