@@ -67,7 +67,8 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> Tuple[
     low = t.floor().long()
     high = t.ceil().long()
     frac = t - low
-    log_sigma_t = (1 - frac) * log_sigma[low] + frac * log_sigma[high]
+    # integer t reads the table directly: with zero terminal SNR log_sigma[-1] = inf and 0 * inf would give NaN
+    log_sigma_t = torch.where(frac == 0, log_sigma[low], (1 - frac) * log_sigma[low] + frac * log_sigma[high])
     # sigma_VE^2 = (1 - a) / a  =>  a = 1 / (1 + sigma_VE^2)
     alpha_sq = torch.sigmoid(-2 * log_sigma_t)
     return alpha_sq.sqrt(), (1 - alpha_sq).sqrt()

@@ -94,6 +94,17 @@ def test_alpha_sigma_integer_timesteps_match_alphas_cumprod():
     torch.testing.assert_close(alpha_half**2 + sigma_half**2, torch.ones(1, dtype=torch.float64))
 
 
+def test_alpha_sigma_zero_terminal_snr_is_finite():
+    # rescale_betas_zero_snr=True gives alphas_cumprod[-1] == 0: alpha = 0, sigma = 1 there, not NaN (0 * inf)
+    alphas_cumprod = torch.tensor([0.99, 0.5, 0.0], dtype=torch.float64)
+    alpha, sigma = alpha_sigma(alphas_cumprod, torch.tensor([0, 1, 2]))
+    assert alpha.tolist() == pytest.approx([0.99**0.5, 0.5**0.5, 0.0], abs=1e-12)
+    assert sigma.tolist() == pytest.approx([0.01**0.5, 0.5**0.5, 1.0], abs=1e-12)
+    x_t, v = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
+    eps = convert_prediction(v, x_t, alpha, sigma, "v_prediction", "epsilon")
+    torch.testing.assert_close(eps[2], x_t[2])  # eps = sqrt(a) v + sqrt(1 - a) x_t with a = 0
+
+
 # ------------------------------------------------------------------------------------------------ combine_predictions
 def test_combine_predictions_is_the_weighted_sum():
     generator = torch.Generator().manual_seed(0)

@@ -210,6 +210,18 @@ def test_one_hot_converted_member_matches_the_closed_form(members, inputs, membe
     torch.testing.assert_close(_run(fused, *inputs), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_zero_terminal_snr_v_member_is_converted_at_the_last_timestep(members, inputs):
+    sample, _, encoder_hidden_states = inputs
+    scheduler = get_dummy_scheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    assert scheduler.alphas_cumprod[999] == 0
+    fused = FusedUNet(members[:1], prediction_type="epsilon", member_schedulers=[scheduler])
+    for timestep in (999, 998):
+        a = scheduler.alphas_cumprod.double()[timestep]
+        expected = _to_epsilon(_run(members[0], sample, timestep, encoder_hidden_states), sample, a, "v_prediction")
+        torch.testing.assert_close(_run(fused, sample, timestep, encoder_hidden_states).double(), expected,
+                                   rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
 def test_member_prediction_types_given_explicitly(members, inputs):
     schedulers = [get_dummy_scheduler(), get_dummy_scheduler()]  # epsilon by default; the explicit list must agree
     with pytest.raises(ValueError, match=r"member 1's scheduler says prediction_type='epsilon' but member_prediction_types\[1\]='v_prediction'"):
