@@ -14,13 +14,12 @@ import shutil
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import safetensors.torch
 import transformers
 from torch import nn
 
 from .loading_utils import TEXT_ENCODER_CLASSES, load_member, load_member_text_encoder
 from .modeling_fused_unet import INTERFACE_KEYS, FusedUNet
-from .modeling_lora_member import LoraMember, load_lora_members
+from .modeling_lora_member import LoraMember, load_lora_members, save_base_unet
 
 CONFIG_NAME = "config.json"
 MEMBER_FOLDER = "member_{}"
@@ -129,7 +128,7 @@ def save_fused_unet(
     with atomic_directory(save_directory) as staging:
         if not reference_only:
             for b, base in enumerate(lora_bases):
-                _save_lora_base(base, os.path.join(staging, LORA_BASE_FOLDER.format(b)), variant)
+                save_base_unet(base, os.path.join(staging, LORA_BASE_FOLDER.format(b)), max_shard_size=max_shard_size)
             for i, unet in enumerate(fused.unets):
                 folder = os.path.join(staging, MEMBER_FOLDER.format(i))
                 if isinstance(unet, LoraMember):
@@ -153,19 +152,6 @@ def _distinct_lora_bases(fused: FusedUNet) -> List[nn.Module]:
 
 def _index_of(modules: Sequence[nn.Module], module: nn.Module) -> Optional[int]:
     return next((i for i, known in enumerate(modules) if known is module), None)
-
-
-def _save_lora_base(base: nn.Module, folder: str, variant: Optional[str]) -> None:
-    """The shared base of LoRA members as a standard UNet folder: PEFT layers stripped, adapters saved elsewhere."""
-    state_dict = {}
-    for key, value in base.state_dict().items():
-        if ".lora_" in key:  # lora_A / lora_B / lora_embedding_* / lora_magnitude_vector of any adapter
-            continue
-        state_dict[key.replace(".base_layer.", ".")] = value.detach().contiguous()
-    os.makedirs(folder)
-    base.save_config(folder)
-    name = "diffusion_pytorch_model.safetensors" if variant is None else f"diffusion_pytorch_model.{variant}.safetensors"
-    safetensors.torch.save_file(state_dict, os.path.join(folder, name), metadata={"format": "pt"})
 
 
 def _check_config(config: Dict[str, Any], where: str) -> None:
@@ -279,7 +265,7 @@ def load_fused_unet(
     lora_bases = []
     for b, entry in enumerate(config["lora_bases"]):
         spec = {"pretrained_model_name_or_path": source, "subfolder": _join(subfolder, entry.get("subfolder")),
-                "revision": revision, "variant": variant}  # fmt: skip
+                "revision": revision, "variant": None}  # fmt: skip
         try:
             lora_bases.append(load_member(spec, allow_pickle=allow_pickle, **member_kwargs, **hub_kwargs)[0])
         except ValueError as error:
