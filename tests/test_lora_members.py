@@ -180,3 +180,16 @@ def test_from_lora_refuses_bad_input(loras, tmp_path):
     with pytest.raises(ValueError, match="targets 1 modules"):  # nothing is loaded when a later LoRA is bad
         FusedUNet.from_lora(target, [sources[0], foreign])
     assert not getattr(target, "peft_config", {})
+
+
+def test_unet_helpers_reach_the_shared_base(loras):
+    base, _, sources = loras
+    fused = FusedUNet.from_lora(copy.deepcopy(base), sources[:2])
+    shared = fused.unets[0].base
+    assert len(fused.attn_processors) == 2 * len(shared.attn_processors) > 0
+    fused.enable_freeu(s1=0.9, s2=0.2, b1=1.1, b2=1.2)
+    assert shared.up_blocks[0].s1 == 0.9
+    fused.disable_freeu()
+    assert shared.up_blocks[0].s1 is None
+    with pytest.raises(NotImplementedError, match="fuse_qkv_projections"):  # it would bypass the adapters
+        fused.fuse_qkv_projections()
