@@ -93,24 +93,32 @@ def main() -> None:
         for k in (1, 2, 4):
             timing = paired_timings(single(FusedUNet(unets[:k])), lambda k=k: [single(unet)() for unet in unets[:k]],
                                     args.warmup, args.repeats)  # fmt: skip
-            rows.append({"case": f"k={k} uniform", "k": k, "baseline": f"{k} separate forwards", "target": 1.05, **timing})
+            rows.append(
+                {"case": f"k={k} uniform", "k": k, "baseline": f"{k} separate forwards", "target": 1.05, **timing}
+            )
         one_hot = FusedUNet(unets, weights=[1.0, 0.0, 0.0, 0.0])
         timing = paired_timings(single(one_hot), single(unets[0]), args.warmup, args.repeats)
-        rows.append({"case": "k=4 weights [1, 0, 0, 0]", "k": 4, "baseline": "1 single forward", "target": 1.05, **timing})
+        rows.append(
+            {"case": "k=4 weights [1, 0, 0, 0]", "k": 4, "baseline": "1 single forward", "target": 1.05, **timing}
+        )
 
-    print(f"one denoising step, batch {BATCH_SIZE}, float32, CPU ({args.threads} threads), median of {args.repeats} paired rounds; ratio = median of per-round ratios")
+    print(f"one denoising step, batch {BATCH_SIZE}, float32, CPU ({args.threads} threads), median of {args.repeats} "
+          "paired rounds; ratio = median of per-round ratios, min/min = ratio of the fastest rounds")  # fmt: skip
     print(f"{'case':<26} {'fused (ms)':>11} {'baseline':>22} {'base (ms)':>10} {'ratio':>7} {'min/min':>8}  target")
     for row in rows:
         verdict = "ok" if row["ratio"] <= row["target"] else "MISSED"
-        print(f"{row['case']:<26} {1e3 * row['fused_s']:>11.1f} {row['baseline']:>22} {1e3 * row['baseline_s']:>10.1f} "
-              f"{row['ratio']:>7.3f} {row['ratio_of_min']:>8.3f}  <= {row['target']} {verdict}")  # fmt: skip
+        print(f"{row['case']:<26} {1e3 * row['fused_s']:>11.1f} {row['baseline']:>22} "
+              f"{1e3 * row['baseline_s']:>10.1f} {row['ratio']:>7.3f} {row['ratio_of_min']:>8.3f}  "
+              f"<= {row['target']} {verdict}")  # fmt: skip
     write_json_atomically(
         {
-            "benchmark": "fused_step", "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
-            "parameters_per_member": sum(p.numel() for p in unets[0].parameters()), "batch_size": BATCH_SIZE,
-            "dtype": "float32", "device": "cpu", "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
-            "torch": torch.__version__, "platform": platform.platform(), "load_average": os.getloadavg(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rows": rows,
-        },
+            "benchmark": "fused_step",
+            "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+            "parameters_per_member": sum(p.numel() for p in unets[0].parameters()),
+            "batch_size": BATCH_SIZE, "dtype": "float32", "device": "cpu", "threads": args.threads,
+            "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__, "platform": platform.platform(),
+            "load_average": os.getloadavg(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rows": rows,
+        },  # fmt: skip
         args.output,
     )  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; wrote {args.output}")

@@ -119,7 +119,9 @@ def test_combine_predictions_is_the_weighted_sum():
 def test_combine_predictions_one_hot_is_exact_and_per_sample_weights():
     generator = torch.Generator().manual_seed(0)
     predictions = [torch.randn(2, 4, 3, 3, generator=generator) for _ in range(3)]
-    assert torch.equal(combine_predictions(predictions, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)), predictions[1])
+    assert torch.equal(
+        combine_predictions(predictions, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)), predictions[1]
+    )
     per_sample = torch.tensor([[1.0, 0.0, 0.0], [0.25, 0.25, 0.5]], dtype=torch.float64)  # (B, k)
     fused = combine_predictions(predictions, per_sample)
     assert torch.equal(fused[0], predictions[0][0])

@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, SlicedAttnProcessor
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -201,7 +201,7 @@ def test_mixed_prediction_types_are_converted_exactly(members, inputs, output_ty
 
 @pytest.mark.parametrize("member_type", ["v_prediction", "sample"])
 def test_one_hot_converted_member_matches_the_closed_form(members, inputs, member_type):
-    sample, timestep, encoder_hidden_states = inputs
+    sample, timestep, _ = inputs
     schedulers = [get_dummy_scheduler(), get_dummy_scheduler(prediction_type=member_type)]
     fused = FusedUNet(members[:2], weights=[0.0, 1.0], prediction_type="epsilon", member_schedulers=schedulers)
     raw = _run(members[1], *inputs)
@@ -224,7 +224,10 @@ def test_zero_terminal_snr_v_member_is_converted_at_the_last_timestep(members, i
 
 def test_member_prediction_types_given_explicitly(members, inputs):
     schedulers = [get_dummy_scheduler(), get_dummy_scheduler()]  # epsilon by default; the explicit list must agree
-    with pytest.raises(ValueError, match=r"member 1's scheduler says prediction_type='epsilon' but member_prediction_types\[1\]='v_prediction'"):
+    with pytest.raises(
+        ValueError,
+        match=r"member 1's scheduler says prediction_type='epsilon' but member_prediction_types\[1\]='v_prediction'",
+    ):
         FusedUNet(members[:2], member_prediction_types=["epsilon", "v_prediction"], member_schedulers=schedulers)
     fused = FusedUNet(members[:2], member_prediction_types=["v_prediction", "v_prediction"])
     assert fused.config.prediction_type == "v_prediction"
@@ -278,8 +281,10 @@ def test_bad_timestep_bins_are_refused(members):
         (dict(sample_size=32), r"member 1 has sample_size=32 but member 0 has sample_size=16"),
         (dict(cross_attention_dim=16), r"member 1 has cross_attention_dim=16 but member 0 has cross_attention_dim=32"),
         (dict(time_cond_proj_dim=8), r"member 1 has time_cond_proj_dim=8 but member 0 has time_cond_proj_dim=None"),
-        (dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
-         r"member 1 has addition_embed_type='text_time' but member 0 has addition_embed_type=None"),
+        (
+            dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
+            r"member 1 has addition_embed_type='text_time' but member 0 has addition_embed_type=None",
+        ),
     ],
 )
 def test_members_that_disagree_are_refused(members, overrides, match):
@@ -289,7 +294,10 @@ def test_members_that_disagree_are_refused(members, overrides, match):
 
 def test_members_with_different_noise_schedules_are_refused(members):
     schedulers = [get_dummy_scheduler(), get_dummy_scheduler(beta_schedule="linear")]
-    with pytest.raises(ValueError, match=r"member 1's noise schedule differs from member 0's: beta_schedule='linear' vs 'scaled_linear'"):
+    with pytest.raises(
+        ValueError,
+        match=r"member 1's noise schedule differs from member 0's: beta_schedule='linear' vs 'scaled_linear'",
+    ):
         FusedUNet(members[:2], member_schedulers=schedulers)
     schedulers = [get_dummy_scheduler(), {**get_dummy_scheduler().config, "num_train_timesteps": 500}]
     with pytest.raises(ValueError, match=r"member 1's noise schedule differs .*num_train_timesteps=500 vs 1000"):
@@ -341,8 +349,9 @@ def test_custom_modules_and_unet2dmodel_members(inputs):
 
     def unet2d(seed):
         torch.manual_seed(seed)
-        return UNet2DModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")).eval()  # fmt: skip
+        return UNet2DModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                           layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "UpBlock2D")).eval()  # fmt: skip
 
     plain = [unet2d(0), unet2d(1)]
     with torch.no_grad():
@@ -350,14 +359,18 @@ def test_custom_modules_and_unet2dmodel_members(inputs):
         expected = plain[1](sample, timestep).sample
     assert type(output) is UNet2DOutput
     assert torch.equal(output.sample, expected)
-    with pytest.raises(ValueError, match=r"member 1 has cross_attention_dim=32 but member 0 has cross_attention_dim=None"):
+    refused = r"member 1 has cross_attention_dim=32 but member 0 has cross_attention_dim=None"
+    with pytest.raises(ValueError, match=refused):
         FusedUNet([plain[0], get_dummy_unet(0)])
 
 
-# ------------------------------------------------------------------------------------------------ kwargs reach every member
+# ------------------------------------------------------------------------------------------- kwargs reach every member
 def test_controlnet_residuals_reach_every_member(members, inputs):
     generator = torch.Generator().manual_seed(1)
-    down = [torch.randn(BATCH, *shape, generator=generator) for shape in [(32, 16, 16), (32, 16, 16), (32, 8, 8), (64, 8, 8)]]
+    down = [
+        torch.randn(BATCH, *shape, generator=generator)
+        for shape in [(32, 16, 16), (32, 16, 16), (32, 8, 8), (64, 8, 8)]
+    ]
     mid = torch.randn(BATCH, 64, 8, 8, generator=generator)
     residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
     for index in range(2):
@@ -375,7 +388,9 @@ def test_t2i_adapter_residuals_reach_every_member(members, inputs):
     # UNet2DConditionModel pops from this list: a shared list would leave nothing for the second member
     generator = torch.Generator().manual_seed(2)
     adapter = [torch.randn(BATCH, 32, 8, 8, generator=generator), torch.randn(BATCH, 64, 8, 8, generator=generator)]
-    fused = _run(FusedUNet(members[:2], weights=[0.5, 0.5]), *inputs, down_intrablock_additional_residuals=list(adapter))
+    fused = _run(
+        FusedUNet(members[:2], weights=[0.5, 0.5]), *inputs, down_intrablock_additional_residuals=list(adapter)
+    )
     outputs = [_run(m, *inputs, down_intrablock_additional_residuals=list(adapter)) for m in members[:2]]
     torch.testing.assert_close(fused, 0.5 * outputs[0] + 0.5 * outputs[1], rtol=0, atol=1e-6)
     assert (outputs[1] - _run(members[1], *inputs)).abs().max() > 1e-2
@@ -410,7 +425,7 @@ def test_cross_attention_kwargs_reach_every_member_and_are_not_consumed(inputs):
 
 
 def test_timestep_cond_and_added_cond_kwargs_reach_every_member(inputs):
-    sample, timestep, encoder_hidden_states = inputs
+    sample, timestep, _ = inputs
     lcm = [get_dummy_unet(seed, time_cond_proj_dim=8) for seed in range(2)]
     cond = torch.randn(BATCH, 8, generator=torch.Generator().manual_seed(3))
     fused = _run(FusedUNet(lcm, weights=[0.5, 0.5]), *inputs, timestep_cond=cond)
@@ -421,7 +436,10 @@ def test_timestep_cond_and_added_cond_kwargs_reach_every_member(inputs):
     xl = [get_dummy_xl_unet(seed) for seed in range(2)]
     generator = torch.Generator().manual_seed(4)
     hidden = torch.randn(BATCH, 7, 64, generator=generator)
-    added = {"text_embeds": torch.randn(BATCH, 32, generator=generator), "time_ids": torch.rand(BATCH, 6, generator=generator) * 64}
+    added = {
+        "text_embeds": torch.randn(BATCH, 32, generator=generator),
+        "time_ids": torch.rand(BATCH, 6, generator=generator) * 64,
+    }
     other = {"text_embeds": added["text_embeds"], "time_ids": added["time_ids"] + 8}
     fused = _run(FusedUNet(xl, weights=[0.5, 0.5]), sample, timestep, hidden, added_cond_kwargs=added)
     outputs = [_run(m, sample, timestep, hidden, added_cond_kwargs=added) for m in xl]

@@ -167,7 +167,9 @@ def test_callback_on_step_end_is_called_every_step(parts):
         seen.append((step, int(timestep), tuple(callback_kwargs["latents"].shape)))
         return callback_kwargs
 
-    _generate(pipe, num_inference_steps=3, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    _generate(
+        pipe, num_inference_steps=3, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"]
+    )
     assert [step for step, _, _ in seen] == [0, 1, 2]
     assert [t for _, t, _ in seen] == pipe.scheduler.timesteps.tolist()
     assert all(shape == (1, 4, 16, 16) for _, _, shape in seen)
@@ -280,7 +282,9 @@ def test_from_pretrained_with_whole_pipeline_folders(parts, saved):
 
 def test_from_pretrained_refuses_bad_members(saved):
     with pytest.raises(ValueError, match=r"weights must sum to 1 .*got 0\.50000000"):
-        ScoreFusionPipeline.from_pretrained(saved / "base", unets=[saved / "unet_0", saved / "unet_1"], weights=[0.25, 0.25])
+        ScoreFusionPipeline.from_pretrained(
+            saved / "base", unets=[saved / "unet_0", saved / "unet_1"], weights=[0.25, 0.25]
+        )
     with pytest.raises(ValueError, match="could not find a UNet config for member"):
         ScoreFusionPipeline.from_pretrained(saved / "base", unets=[saved / "unet_0", saved / "nowhere"])
     with pytest.raises(ValueError, match="weights= needs unets="):
