@@ -187,8 +187,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "num_members": args.num_members, "dtype": str(dtype), "parameters_per_member": parameter_count(config),
         "batch": 2, "latent_size": config["sample_size"], "steps": args.steps,
     }  # fmt: skip
-    print(f"{args.num_members} members of {report['parameters_per_member'] / 1e9:.3f} B parameters on {report['device']}")
-    report["modes"] = run_modes(config, args.num_members, args.steps, device, dtype, use_stream=not args.no_stream and device.type == "cuda")
+    billions = report["parameters_per_member"] / 1e9
+    print(f"{args.num_members} members of {billions:.3f} B parameters on {report['device']}")
+    use_stream = not args.no_stream and device.type == "cuda"
+    report["modes"] = run_modes(config, args.num_members, args.steps, device, dtype, use_stream=use_stream)
     report["cross_device_check"] = cross_device_check(device)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as file:

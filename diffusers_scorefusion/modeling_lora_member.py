@@ -40,7 +40,10 @@ class LoraMember(nn.Module):
     def __init__(self, base: nn.Module, adapter_name: str):
         super().__init__()
         if not hasattr(base, "set_adapter") or not hasattr(base, "config"):
-            raise TypeError(f"base must be a Diffusers model with PEFT adapters (e.g. UNet2DConditionModel), got {type(base).__name__}")
+            raise TypeError(
+                "base must be a Diffusers model with PEFT adapters (e.g. UNet2DConditionModel), "
+                f"got {type(base).__name__}"
+            )
         loaded = list(getattr(base, "peft_config", {}))
         if adapter_name not in loaded:
             raise ValueError(f"adapter {adapter_name!r} is not loaded in the base UNet; loaded adapters: {loaded}")
@@ -52,7 +55,9 @@ class LoraMember(nn.Module):
         """The base UNet's config."""
         return self.base.config
 
-    def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], *args: Any, **kwargs: Any) -> Any:
+    def forward(
+        self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], *args: Any, **kwargs: Any
+    ) -> Any:
         """Activates this member's adapter and runs the base UNet (`UNet2DConditionModel.forward` arguments)."""
         self.base.set_adapter(self.adapter_name)
         return self.base(sample, timestep, *args, **kwargs)
@@ -72,7 +77,8 @@ class LoraMember(nn.Module):
     def save_lora_weights(self, save_directory: Union[str, os.PathLike]) -> None:
         """Writes this adapter as a Diffusers LoRA folder (`pytorch_lora_weights.safetensors`, keys `unet.*`).
 
-        The folder loads with `FusedUNet.from_lora`, `pipe.load_lora_weights` and `unet.load_lora_adapter(..., prefix="unet")`.
+        The folder loads with `FusedUNet.from_lora`, `pipe.load_lora_weights` and
+        `unet.load_lora_adapter(..., prefix="unet")`.
         """
         StableDiffusionPipeline.save_lora_weights(
             save_directory, unet_lora_layers=self.lora_state_dict(), unet_lora_adapter_metadata=self.lora_metadata()
@@ -118,15 +124,19 @@ def base_state_dict(base: nn.Module) -> Dict[str, torch.Tensor]:
     return {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items() if ".lora_" not in key}
 
 
-def save_base_unet(base: nn.Module, save_directory: Union[str, os.PathLike], max_shard_size: Union[int, str] = "10GB") -> None:
+def save_base_unet(
+    base: nn.Module, save_directory: Union[str, os.PathLike], max_shard_size: Union[int, str] = "10GB"
+) -> None:
     """Writes the shared base UNet without its adapters as a standard Diffusers UNet folder (safetensors, sharded
     like `ModelMixin.save_pretrained`); `UNet2DConditionModel.from_pretrained` loads it."""
     from huggingface_hub import save_torch_state_dict
 
     os.makedirs(save_directory, exist_ok=True)
     base.save_config(save_directory)
-    save_torch_state_dict(base_state_dict(base), save_directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-                          max_shard_size=max_shard_size, metadata={"format": "pt"})  # fmt: skip
+    save_torch_state_dict(
+        base_state_dict(base), save_directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+        max_shard_size=max_shard_size, metadata={"format": "pt"},
+    )  # fmt: skip
 
 
 def _describe(lora: LoraSpec) -> str:
@@ -152,7 +162,9 @@ def fetch_lora_state_dict(
         if os.path.isfile(source):
             source, kwargs["weight_name"] = os.path.split(source)
             if not kwargs["weight_name"].endswith(".safetensors") and not allow_pickle:
-                raise ValueError(f"LoRA file {lora!r} is not a .safetensors file; pass allow_pickle=True if you trust it")
+                raise ValueError(
+                    f"LoRA file {lora!r} is not a .safetensors file; pass allow_pickle=True if you trust it"
+                )
         elif not os.path.isdir(source):
             try:
                 validate_repo_id(source)
@@ -173,7 +185,7 @@ def fetch_lora_state_dict(
 
 
 def _unet_part(state_dict: Dict[str, torch.Tensor], metadata: Optional[Dict[str, Any]], name: str):
-    """The UNet keys (PEFT names) and metadata with a `unet.` prefix; a LoRA that also adapts a text encoder is refused."""
+    """The UNet keys (PEFT names) and metadata with a `unet.` prefix; text-encoder LoRA keys are refused."""
     prefixes = {key.split(".", 1)[0] for key in state_dict}
     text_encoder = sorted(prefixes & set(TEXT_ENCODER_PREFIXES))
     if text_encoder:
@@ -198,7 +210,9 @@ def _check_targets(base: nn.Module, state_dict: Dict[str, torch.Tensor], name: s
     missing, mismatched = set(), []
     for key, value in peft_keys.items():
         if ".lora_" not in key:
-            raise ValueError(f"LoRA {name} holds {key!r}, which is not a LoRA weight (expected `<module>.lora_A.weight`-style keys)")
+            raise ValueError(
+                f"LoRA {name} holds {key!r}, which is not a LoRA weight (expected `<module>.lora_A.weight`-style keys)"
+            )
         module_name, part = key.rsplit(".lora_", 1)
         module = modules.get(module_name)
         layer = getattr(module, "base_layer", module)  # a module another adapter already wraps
@@ -208,11 +222,15 @@ def _check_targets(base: nn.Module, state_dict: Dict[str, torch.Tensor], name: s
         expected = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
         actual = value.shape[1] if part.startswith("A.") else None
         if part.startswith("B.weight"):
-            expected, actual = (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels), value.shape[0]
+            expected = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            actual = value.shape[0]
         if actual is not None and actual != expected:
             mismatched.append(f"{key}: {actual} vs {expected}")
     if missing:
-        raise ValueError(f"LoRA {name} targets {len(missing)} modules the base UNet lacks (or are not Linear/Conv2d), e.g. {sorted(missing)[:3]}")
+        raise ValueError(
+            f"LoRA {name} targets {len(missing)} modules the base UNet lacks (or are not Linear/Conv2d), "
+            f"e.g. {sorted(missing)[:3]}"
+        )
     if mismatched:
         raise ValueError(f"LoRA {name} does not fit the base UNet (LoRA size vs layer size): {mismatched[:3]}")
 
@@ -229,7 +247,10 @@ def load_lora_members(
     Every LoRA is read and checked before any is loaded; if loading one fails, the adapters loaded so far are removed.
     """
     if not hasattr(base_unet, "load_lora_adapter"):
-        raise TypeError(f"base_unet must be a Diffusers UNet with LoRA support (UNet2DConditionModel), got {type(base_unet).__name__}")
+        raise TypeError(
+            "base_unet must be a Diffusers UNet with LoRA support (UNet2DConditionModel), "
+            f"got {type(base_unet).__name__}"
+        )
     if isinstance(loras, (str, os.PathLike, Mapping)) or len(loras) == 0:
         raise ValueError(f"loras must be a non-empty list of LoRAs (one per member), got {loras!r:.200}")
     names = [f"member_{i}" for i in range(len(loras))] if adapter_names is None else list(adapter_names)

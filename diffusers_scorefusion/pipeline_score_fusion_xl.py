@@ -54,12 +54,13 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
         if unet.config.addition_embed_type != "text_time":
             raise ValueError(
                 f"ScoreFusionXLPipeline needs SDXL members (addition_embed_type='text_time'), got "
-                f"addition_embed_type={unet.config.addition_embed_type!r}; use ScoreFusionPipeline for Stable Diffusion 1/2"
+                f"addition_embed_type={unet.config.addition_embed_type!r}; use ScoreFusionPipeline for Stable "
+                "Diffusion 1/2"
             )
         if getattr(unet, "num_encoder_slots", 1) != 1:
             raise ValueError(
-                f"the fusion has {unet.num_encoder_slots - 1} member text encoders; ScoreFusionXLPipeline members share "
-                "the pipeline's two text encoders"
+                f"the fusion has {unet.num_encoder_slots - 1} member text encoders; ScoreFusionXLPipeline members "
+                "share the pipeline's two text encoders"
             )
         check_scheduler_matches(unet, scheduler)
         super().__init__(
@@ -97,11 +98,14 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
         kwargs.setdefault("use_safetensors", None if allow_pickle else True)
         if unets is None:
             if weights is not None:
-                raise ValueError("weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()")
+                raise ValueError(
+                    "weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()"
+                )
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if "unet" in kwargs:
             raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
-        member_kwargs = {key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs}
+        shared_keys = ("torch_dtype", "cache_dir", "token", "local_files_only")
+        member_kwargs = {key: kwargs[key] for key in shared_keys if key in kwargs}
         kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle, **member_kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -137,9 +141,9 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
         Encodes target images and captions as the SDXL UNet sees them during sampling.
 
         Latents are VAE posterior means (minus `vae.config.shift_factor` when set) times `vae.config.scaling_factor`;
-        the VAE runs in float32 when `vae.config.force_upcast`. Prompts go through both text encoders without classifier-free guidance; the
-        time ids are `(H, W, 0, 0, H, W)`: original and target size the images' size, no crop, as `__call__` uses by
-        default.
+        the VAE runs in float32 when `vae.config.force_upcast`. Prompts go through both text encoders without
+        classifier-free guidance. The time ids are `(H, W, 0, 0, H, W)` (original and target size = the images' size,
+        no crop), as `__call__` uses by default.
 
         Returns:
             `(latents, prompt_embeds, added_cond_kwargs)`: `(N, C, h, w)`, `(N, L, D)` and
@@ -153,7 +157,9 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(prompt, str) for prompt in prompts):
             raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.200}")
         if len(prompts) != num_images:
-            raise ValueError(f"got {num_images} images but {len(prompts)} prompts; give one prompt per image or one string")
+            raise ValueError(
+                f"got {num_images} images but {len(prompts)} prompts; give one prompt per image or one string"
+            )
         if not torch.isfinite(pixels).all():
             raise ValueError("images contain NaN or inf")
         device, vae = self._execution_device, self.vae
@@ -178,8 +184,8 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
         time_ids = self._get_add_time_ids(size, (0, 0), size, dtype=prompt_embeds.dtype,
                                           text_encoder_projection_dim=projection_dim)  # fmt: skip  # (1, 6)
         unet_dtype = self.unet.dtype
-        added_cond_kwargs = {"text_embeds": pooled_prompt_embeds.to(unet_dtype),
-                             "time_ids": time_ids.to(device=device, dtype=unet_dtype).repeat(num_images, 1)}  # fmt: skip
+        time_ids = time_ids.to(device=device, dtype=unet_dtype).repeat(num_images, 1)  # (N, 6)
+        added_cond_kwargs = {"text_embeds": pooled_prompt_embeds.to(unet_dtype), "time_ids": time_ids}
         return torch.cat(latents).to(unet_dtype), prompt_embeds.to(unet_dtype), added_cond_kwargs
 
     def fit_weights(
@@ -203,7 +209,9 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
         Inputs are encoded by [`~ScoreFusionXLPipeline.encode_for_fitting`]; the noise schedule is `self.scheduler`'s.
         """
         if "unet_kwargs" in options:
-            raise ValueError("unet_kwargs are computed from the images and prompts here; call fitting.fit_weights to pass your own")
+            raise ValueError(
+                "unet_kwargs are computed from the images and prompts here; call fitting.fit_weights to pass your own"
+            )
         latents, prompt_embeds, added_cond_kwargs = self.encode_for_fitting(images, prompts, height=height, width=width)
         return fit_weights(self.unet, self.scheduler, latents, encoder_hidden_states=prompt_embeds,
                            unet_kwargs={"added_cond_kwargs": added_cond_kwargs}, **options)  # fmt: skip

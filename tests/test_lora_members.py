@@ -5,7 +5,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers_scorefusion import FusedUNet, LoraMember, ScoreFusionXLPipeline
@@ -37,7 +36,8 @@ def save_pipeline_format(unet, directory):
     """Diffusers pipeline LoRA format: `unet.`-prefixed, `lora.down`/`lora.up` keys, config in the metadata."""
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in unet.peft_config["default"].to_dict().items()}
-    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=layers,
+                                              unet_lora_adapter_metadata=metadata)  # fmt: skip
     return directory
 
 
@@ -83,7 +83,8 @@ def test_from_lora_matches_merged_copies(loras):
         members = fused.member_outputs(sample, timestep, members=[2, 0, 1], **kwargs)  # the adapter switches
         actual = fused(sample, timestep, **kwargs).sample
     torch.testing.assert_close(members, expected[[2, 0, 1]], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(actual, torch.einsum("k,kbchw->bchw", torch.tensor(weights), expected), atol=1e-5, rtol=1e-5)
+    combined = torch.einsum("k,kbchw->bchw", torch.tensor(weights), expected)
+    torch.testing.assert_close(actual, combined, atol=1e-5, rtol=1e-5)
     assert min((expected[i] - expected[j]).abs().max() for i, j in [(0, 1), (0, 2), (1, 2)]) > 1e-2
     assert all(isinstance(m, LoraMember) and m.base is fused.unets[0].base for m in fused.unets)
 

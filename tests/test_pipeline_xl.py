@@ -6,7 +6,12 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionXLPipeline, fitting
-from diffusers_scorefusion.testing_utils import get_dummy_scheduler, get_dummy_unet, get_dummy_xl_components, get_dummy_xl_unet
+from diffusers_scorefusion.testing_utils import (
+    get_dummy_scheduler,
+    get_dummy_unet,
+    get_dummy_xl_components,
+    get_dummy_xl_unet,
+)
 
 CALL = dict(prompt="a cat", negative_prompt="blurry", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
             output_type="np")  # fmt: skip
@@ -45,8 +50,8 @@ def test_from_pretrained_with_local_folders(tmp_path):
     stock_pipeline(components, members[0]).save_pretrained(tmp_path / "base")
     for i, unet in enumerate(members):
         unet.save_pretrained(tmp_path / f"member_{i}")
-    pipe = ScoreFusionXLPipeline.from_pretrained(tmp_path / "base", unets=[tmp_path / "member_0", tmp_path / "member_1"],
-                                                 weights=[0.25, 0.75])  # fmt: skip
+    members_dirs = [tmp_path / "member_0", tmp_path / "member_1"]
+    pipe = ScoreFusionXLPipeline.from_pretrained(tmp_path / "base", unets=members_dirs, weights=[0.25, 0.75])
     assert isinstance(pipe.unet, FusedUNet) and pipe.unet.fusion_weights.tolist() == [0.25, 0.75]
     reference = ScoreFusionXLPipeline(**{**components, "unet": FusedUNet(list(members), weights=[0.25, 0.75])})
     np.testing.assert_allclose(images_of(pipe), images_of(reference), atol=1e-6)
@@ -73,7 +78,8 @@ def test_fit_weights_uses_the_sampling_conditioning():
                                  unet_kwargs={"added_cond_kwargs": added}, set_weights=False,
                                  generator=torch.Generator().manual_seed(1), **options)  # fmt: skip
     torch.testing.assert_close(result.weights, direct.weights, rtol=0, atol=0)
-    torch.testing.assert_close(pipe.unet.fusion_weights, result.weights.to(pipe.unet.fusion_weights), rtol=0, atol=1e-12)
+    stored = pipe.unet.fusion_weights
+    torch.testing.assert_close(stored, result.weights.to(stored), rtol=0, atol=1e-12)
     assert abs(float(result.weights.sum()) - 1) < 1e-6 and result.num_forward_passes > 0
 
 
