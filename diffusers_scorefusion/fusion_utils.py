@@ -157,7 +157,7 @@ def loss_weighting(
         return torch.ones_like(snr)
     if weighting == "snr":
         return snr
-    return snr.clamp(max=snr_gamma) / snr
+    return (snr_gamma / snr).clamp(max=1)  # min(SNR, gamma) / SNR, finite (1) at zero terminal SNR
 
 
 def score_matching_statistics(

@@ -13,6 +13,7 @@ from diffusers_scorefusion.fusion_utils import (
     check_weights,
     combine_predictions,
     convert_prediction,
+    loss_weighting,
     quadratic_loss,
     score_matching_statistics,
     solve_simplex_qp,
@@ -103,6 +104,13 @@ def test_alpha_sigma_zero_terminal_snr_is_finite():
     x_t, v = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
     eps = convert_prediction(v, x_t, alpha, sigma, "v_prediction", "epsilon")
     torch.testing.assert_close(eps[2], x_t[2])  # eps = sqrt(a) v + sqrt(1 - a) x_t with a = 0
+
+
+def test_min_snr_weighting_at_zero_terminal_snr():
+    # min(SNR, gamma) / SNR = min(1, gamma / SNR): 1 where SNR <= gamma, including SNR = 0 (not 0 / 0)
+    alphas_cumprod = torch.tensor([0.99, 0.5, 0.0], dtype=torch.float64)
+    weights = loss_weighting(torch.tensor([0, 1, 2]), alphas_cumprod, "min_snr", snr_gamma=5.0)
+    assert weights.tolist() == pytest.approx([5.0 / 99.0, 1.0, 1.0], abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------ combine_predictions
