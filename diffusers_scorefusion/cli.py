@@ -38,7 +38,9 @@ def read_image_folder(data_dir: Union[str, os.PathLike]) -> Tuple[List[PIL.Image
                     entry = json.loads(line)
                     captions[entry["file_name"]] = entry["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ValueError(f"{metadata} line {number} must be a JSON object with file_name and text, got {line.strip()!r}") from error
+                    raise ValueError(
+                        f"{metadata} line {number} must be a JSON object with file_name and text, got {line.strip()!r}"
+                    ) from error
     else:
         captions = {}
         for name in sorted(os.listdir(data_dir)):
@@ -47,7 +49,10 @@ def read_image_folder(data_dir: Union[str, os.PathLike]) -> Tuple[List[PIL.Image
                 continue
             caption_path = os.path.join(data_dir, stem + ".txt")
             if not os.path.isfile(caption_path):
-                raise ValueError(f"image {name!r} in {data_dir!r} has no caption file {stem + '.txt'!r} (and there is no metadata.jsonl)")
+                raise ValueError(
+                    f"image {name!r} in {data_dir!r} has no caption file {stem + '.txt'!r} "
+                    "and the folder has no metadata.jsonl"
+                )
             with open(caption_path, encoding="utf-8") as file:
                 captions[name] = file.read().strip()
     if not captions:
@@ -81,8 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     fit = commands.add_parser("fit", help="fit the fusion weights to captioned images and save the fused pipeline")
-    fit.add_argument("--base", required=True, help="base Stable Diffusion pipeline (folder or Hub id): VAE, text encoder, scheduler")
-    fit.add_argument("--unet", action="append", required=True, help="a member UNet or pipeline (folder or Hub id); repeat")
+    fit.add_argument(
+        "--base", required=True, help="base Stable Diffusion pipeline (folder or Hub id): VAE, text encoder, scheduler"
+    )
+    fit.add_argument(
+        "--unet", action="append", required=True, help="a member UNet or pipeline (folder or Hub id); repeat"
+    )
     fit.add_argument("--data", required=True, help="folder of images with captions")
     fit.add_argument("--out", required=True, help="folder to save the fitted pipeline to")
     fit.add_argument("--method", choices=("exact", "sgd"), default="exact")
@@ -174,7 +183,9 @@ def _sample(args: argparse.Namespace) -> None:
     for index, image in enumerate(images):
         _save_png(image, os.path.join(args.out, f"sample_{index:03d}.png"))
     columns = min(4, len(images))
-    _save_png(make_image_grid(images, rows=-(-len(images) // columns), cols=columns), os.path.join(args.out, "grid.png"))
+    _save_png(
+        make_image_grid(images, rows=-(-len(images) // columns), cols=columns), os.path.join(args.out, "grid.png")
+    )
     print(f"{len(images)} images and grid.png written to {args.out}", file=sys.stderr)
 
 

@@ -83,9 +83,7 @@ def _solve_bins(gram: torch.Tensor, linear: torch.Tensor, count: torch.Tensor) -
     return torch.stack([solve_simplex_qp(gram[i] / count[i], linear[i] / count[i]) for i in range(count.numel())])
 
 
-def _bootstrap_standard_errors(
-    sums: Dict[str, torch.Tensor], num_bootstrap: int, seed: int
-) -> Optional[torch.Tensor]:
+def _bootstrap_standard_errors(sums: Dict[str, torch.Tensor], num_bootstrap: int, seed: int) -> Optional[torch.Tensor]:
     """Standard error of the exact weights under resampling target samples with replacement, `(nb, k)`."""
     num_samples = sums["count"].shape[0]
     if num_bootstrap == 0 or num_samples < 2:
@@ -113,7 +111,7 @@ def _exact_pass(
     progress: tqdm,
     accelerator: Optional[Any],
 ) -> int:
-    """One pass over this process's samples filling `sums`; returns the member forwards. Failures reach all processes."""
+    """One pass over this process's samples into `sums`; returns the member forwards. Failures reach all processes."""
     num_forward_passes, seen, failure = 0, set(), None
     try:
         for batch in batches():
@@ -238,14 +236,18 @@ def fit_weights(
     check_scheduler_matches(fused, noise_scheduler)
     alphas_cumprod = getattr(noise_scheduler, "alphas_cumprod", None)
     if not isinstance(alphas_cumprod, torch.Tensor):
-        raise TypeError(f"noise_scheduler must have `alphas_cumprod` (a DDPM-family scheduler), got {type(noise_scheduler).__name__}")
+        raise TypeError(
+            f"noise_scheduler must have alphas_cumprod (a DDPM-family scheduler), got {type(noise_scheduler).__name__}"
+        )
     options = check_options(
         num_noise_draws=num_noise_draws, weighting=weighting, snr_gamma=snr_gamma, num_timestep_bins=num_timestep_bins,
         batch_size=batch_size, num_bootstrap=num_bootstrap, num_epochs=num_epochs, learning_rate=learning_rate,
         momentum=momentum, generator=generator, callback=callback, set_weights=set_weights,
     )  # fmt: skip
     if accelerator is not None and not all(hasattr(accelerator, name) for name in ("num_processes", "process_index")):
-        raise TypeError(f"accelerator must be an accelerate.Accelerator or PartialState, got {type(accelerator).__name__}")
+        raise TypeError(
+            f"accelerator must be an accelerate.Accelerator or PartialState, got {type(accelerator).__name__}"
+        )
     num_processes = 1 if accelerator is None else accelerator.num_processes
     if method == "sgd" and (num_timestep_bins > 1 or num_processes > 1):
         raise ValueError(
@@ -255,7 +257,9 @@ def fit_weights(
     inputs = member_inputs(fused, latents, encoder_hidden_states, unet_kwargs)
     t_min, t_max = resolve_timestep_range(timestep_range, alphas_cumprod)
     if num_timestep_bins > t_max - t_min + 1:
-        raise ValueError(f"num_timestep_bins={num_timestep_bins} exceeds the {t_max - t_min + 1} timesteps in [{t_min}, {t_max}]")
+        raise ValueError(
+            f"num_timestep_bins={num_timestep_bins} exceeds the {t_max - t_min + 1} timesteps in [{t_min}, {t_max}]"
+        )
     bin_edges = torch.linspace(t_min, t_max + 1, num_timestep_bins + 1, dtype=torch.float64)
 
     seed = shared_seed(generator, accelerator)
@@ -278,10 +282,10 @@ def fit_weights(
             sgd_weights, num_forward_passes = None, _exact_pass(batches, num_members, sums, progress, accelerator)
     sums = {name: reduce_sum(value, accelerator) for name, value in sums.items()}
     num_forward_passes = int(reduce_sum(torch.tensor([float(num_forward_passes)]), accelerator).item())
-    return _finish(fused, sums, sgd_weights, num_forward_passes, bin_edges, seed, dict(
-        method=method, timestep_range=[t_min, t_max], timestep_range_name=timestep_range if isinstance(timestep_range, str)
-        else None, num_processes=num_processes, latents=latents, member_inputs=inputs,
-        **options))  # fmt: skip
+    range_name = timestep_range if isinstance(timestep_range, str) else None
+    info = dict(method=method, timestep_range=[t_min, t_max], timestep_range_name=range_name,
+                num_processes=num_processes, latents=latents, member_inputs=inputs, **options)  # fmt: skip
+    return _finish(fused, sums, sgd_weights, num_forward_passes, bin_edges, seed, info)
 
 
 def _finish(
@@ -341,7 +345,9 @@ def encode_for_fitting(
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError("images is empty: fitting needs at least one target image")
-        sizes = {tuple(image.size) if isinstance(image, PIL.Image.Image) else tuple(np.shape(image)) for image in images}
+        sizes = {
+            tuple(image.size) if isinstance(image, PIL.Image.Image) else tuple(np.shape(image)) for image in images
+        }
         if len(sizes) > 1:
             raise ValueError(f"all images must have the same size, got {sorted(sizes)}")
     pixels = pipe.image_processor.preprocess(images, height=height, width=width)  # (N, 3, H, W) in [-1, 1]

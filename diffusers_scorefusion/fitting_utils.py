@@ -73,20 +73,30 @@ def resolve_timestep_range(timestep_range: Union[str, Sequence[int]], alphas_cum
     num_train_timesteps = alphas_cumprod.numel()
     if isinstance(timestep_range, str):
         if timestep_range not in TIMESTEP_RANGES:
-            raise ValueError(f"timestep_range must be one of {TIMESTEP_RANGES} or (t_min, t_max), got {timestep_range!r}")
+            raise ValueError(
+                f"timestep_range must be one of {TIMESTEP_RANGES} or (t_min, t_max), got {timestep_range!r}"
+            )
         if timestep_range == "full":
             return 0, num_train_timesteps - 1
         sigma = (1 - alphas_cumprod.to(torch.float64)).sqrt()
         small = int((sigma <= SMALL_T_MAX_SIGMA).sum())  # sigma_t increases with t
         if small == 0:
-            raise ValueError(f"timestep_range='small_t' is empty: sigma_0 = {sigma[0].item():.4f} > {SMALL_T_MAX_SIGMA}")
+            raise ValueError(
+                f"timestep_range='small_t' is empty: sigma_0 = {sigma[0].item():.4f} > {SMALL_T_MAX_SIGMA}"
+            )
         return 0, small - 1
     bounds = list(timestep_range) if isinstance(timestep_range, (list, tuple)) else None
-    if bounds is None or len(bounds) != 2 or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in bounds):
+    if (
+        bounds is None
+        or len(bounds) != 2
+        or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in bounds)
+    ):
         raise TypeError(f"timestep_range must be {TIMESTEP_RANGES} or two ints (t_min, t_max), got {timestep_range!r}")
     t_min, t_max = int(bounds[0]), int(bounds[1])
     if not 0 <= t_min <= t_max <= num_train_timesteps - 1:
-        raise ValueError(f"timestep_range must satisfy 0 <= t_min <= t_max <= {num_train_timesteps - 1}, got {timestep_range!r}")
+        raise ValueError(
+            f"timestep_range must satisfy 0 <= t_min <= t_max <= {num_train_timesteps - 1}, got {timestep_range!r}"
+        )
     return t_min, t_max
 
 
@@ -113,7 +123,9 @@ def shared_seed(generator: Optional[torch.Generator], accelerator: Optional[Any]
     return int(reduce_sum(mine, accelerator).item())
 
 
-def _draws(seed: int, index: int, num_draws: int, bounds: Tuple[int, int], shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _draws(
+    seed: int, index: int, num_draws: int, bounds: Tuple[int, int], shape: Sequence[int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sample `index`'s timesteps `(D,)` and noises `(D, C, H, W)`: from its own seed, on the CPU, in float32."""
     generator = torch.Generator().manual_seed(derived_seed(seed, 0, index))
     timesteps = torch.randint(bounds[0], bounds[1] + 1, (num_draws,), generator=generator)
@@ -208,7 +220,9 @@ def member_inputs(
     if latents.ndim < 2 or latents.shape[0] == 0:
         raise ValueError(f"latents must have shape (N, C, ...) with N >= 1, got shape {tuple(latents.shape)}")
     if latents.shape[1] != fused.config.in_channels:
-        raise ValueError(f"latents have {latents.shape[1]} channels but the members take in_channels={fused.config.in_channels}")
+        raise ValueError(
+            f"latents have {latents.shape[1]} channels but the members take in_channels={fused.config.in_channels}"
+        )
     if fused.config.out_channels != fused.config.in_channels:
         raise ValueError(
             f"members output {fused.config.out_channels} channels for {fused.config.in_channels} input channels; "
@@ -254,17 +268,26 @@ def provenance_record(
     from . import __version__  # imported late: the package imports this module
 
     provenance = dict(
-        method=info["method"], library=f"diffusers-scorefusion {__version__}", num_samples=int(info["latents"].shape[0]),
-        num_noise_draws=info["num_noise_draws"], timestep_range=info["timestep_range"],
-        timestep_range_name=info["timestep_range_name"], weighting=info["weighting"],
-        num_timestep_bins=info["num_timestep_bins"], timestep_bin_edges=bin_edges, batch_size=info["batch_size"],
-        loss=loss, per_model_loss=per_model_loss.tolist(),
+        method=info["method"],
+        library=f"diffusers-scorefusion {__version__}",
+        num_samples=int(info["latents"].shape[0]),
+        num_noise_draws=info["num_noise_draws"],
+        timestep_range=info["timestep_range"],
+        timestep_range_name=info["timestep_range_name"],
+        weighting=info["weighting"],
+        num_timestep_bins=info["num_timestep_bins"],
+        timestep_bin_edges=bin_edges,
+        batch_size=info["batch_size"],
+        loss=loss,
+        per_model_loss=per_model_loss.tolist(),
         standard_errors=None if standard_errors is None else standard_errors.tolist(),
-        num_bootstrap=info["num_bootstrap"] if info["method"] == "exact" else 0, num_forward_passes=num_forward_passes,
-        seed=None if info["generator"] is None else int(info["generator"].initial_seed()), noise_seed=seed,
+        num_bootstrap=info["num_bootstrap"] if info["method"] == "exact" else 0,
+        num_forward_passes=num_forward_passes,
+        seed=None if info["generator"] is None else int(info["generator"].initial_seed()),
+        noise_seed=seed,
         num_processes=info["num_processes"],
         data_fingerprint=data_fingerprint([info["latents"], info["member_inputs"].get("encoder_hidden_states")]),
-    )  # fmt: skip
+    )
     if info["weighting"] == "min_snr":
         provenance["snr_gamma"] = info["snr_gamma"]
     if info["method"] == "sgd":

@@ -38,20 +38,38 @@ def run(accelerator=None, broken_member: bool = False) -> dict:
     scheduler = get_dummy_scheduler()
     means = member_means(3)
     prompt_embeds = torch.randn(NUM_SAMPLES, 5, 8, generator=torch.Generator().manual_seed(7))
-    latents = barycenter_samples(means, [0.2, 0.5, 0.3], NUM_SAMPLES) + prompt_embeds.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+    latents = barycenter_samples(means, [0.2, 0.5, 0.3], NUM_SAMPLES) + prompt_embeds.mean(dim=(1, 2)).reshape(
+        -1, 1, 1, 1
+    )
     fused = gaussian_fusion(means, scheduler)
     if broken_member:
         fused.unets[1] = NaNOnThisProcess(fused.unets[1])
-    result = fit_weights(fused, scheduler, latents, encoder_hidden_states=prompt_embeds, num_noise_draws=3, batch_size=4,
-                         num_timestep_bins=2, num_bootstrap=50, generator=torch.Generator().manual_seed(0),
-                         accelerator=accelerator, progress_bar=False)  # fmt: skip
+    result = fit_weights(
+        fused,
+        scheduler,
+        latents,
+        encoder_hidden_states=prompt_embeds,
+        num_noise_draws=3,
+        batch_size=4,
+        num_timestep_bins=2,
+        num_bootstrap=50,
+        generator=torch.Generator().manual_seed(0),
+        accelerator=accelerator,
+        progress_bar=False,
+    )
     return dict(
-        weights=result.weights.tolist(), standard_errors=result.standard_errors.tolist(), loss=result.loss,
-        per_model_loss=result.per_model_loss.tolist(), gram=result.gram.tolist(), linear=result.linear.tolist(),
-        constant=result.constant.tolist(), num_forward_passes=result.num_forward_passes,
-        fused_weights=fused.fusion_weights.tolist(), member_calls=sum(member.num_calls for member in fused.unets),
+        weights=result.weights.tolist(),
+        standard_errors=result.standard_errors.tolist(),
+        loss=result.loss,
+        per_model_loss=result.per_model_loss.tolist(),
+        gram=result.gram.tolist(),
+        linear=result.linear.tolist(),
+        constant=result.constant.tolist(),
+        num_forward_passes=result.num_forward_passes,
+        fused_weights=fused.fusion_weights.tolist(),
+        member_calls=sum(member.num_calls for member in fused.unets),
         provenance=result.provenance,
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

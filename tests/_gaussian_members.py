@@ -40,7 +40,9 @@ class GaussianNoisePredictor(nn.Module):
         added_cond_kwargs = kwargs.get("added_cond_kwargs")
         if added_cond_kwargs is not None:
             if added_cond_kwargs["time_ids"].shape != (1, 6):
-                raise ValueError(f"time_ids must be passed as is, got shape {tuple(added_cond_kwargs['time_ids'].shape)}")
+                raise ValueError(
+                    f"time_ids must be passed as is, got shape {tuple(added_cond_kwargs['time_ids'].shape)}"
+                )
             shift = shift + added_cond_kwargs["text_embeds"].double().mean(dim=1).reshape(-1, 1, 1, 1)
         eps = sigma * (sample.double() - alpha * (self.mean.double() + shift)) / (a * self.std**2 + sigma**2)
         return (eps.to(sample.dtype),)

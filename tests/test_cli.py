@@ -28,9 +28,16 @@ def write_images(folder, names, size=32):
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    base = StableDiffusionPipeline(vae=get_dummy_vae(), text_encoder=get_dummy_text_encoder(), tokenizer=get_dummy_tokenizer(),
-                                   unet=get_dummy_unet(0), scheduler=get_dummy_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    base = StableDiffusionPipeline(
+        vae=get_dummy_vae(),
+        text_encoder=get_dummy_text_encoder(),
+        tokenizer=get_dummy_tokenizer(),
+        unet=get_dummy_unet(0),
+        scheduler=get_dummy_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     base.save_pretrained(root / "base")
     for seed, name in ((1, "member_a"), (2, "member_b")):
         get_dummy_unet(seed).save_pretrained(root / name)
@@ -43,9 +50,28 @@ def test_fit_then_sample_from_the_shell(model_folders, tmp_path, capsys):
     for stem, caption in (("one", "a red cat"), ("two", "a blue dog"), ("three", "a green bird")):
         (data / f"{stem}.txt").write_text(caption)
     out = tmp_path / "fusion"
-    status = main(["fit", "--base", str(model_folders / "base"), "--unet", str(model_folders / "member_a"),
-                   "--unet", str(model_folders / "member_b"), "--data", str(data), "--out", str(out),
-                   "--num-noise-draws", "2", "--num-bootstrap", "10", "--seed", "3", "--no-progress"])  # fmt: skip
+    status = main(
+        [
+            "fit",
+            "--base",
+            str(model_folders / "base"),
+            "--unet",
+            str(model_folders / "member_a"),
+            "--unet",
+            str(model_folders / "member_b"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--num-noise-draws",
+            "2",
+            "--num-bootstrap",
+            "10",
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert status == 0
     assert "weights:" in capsys.readouterr().out
     pipe = ScoreFusionPipeline.from_pretrained(str(out))
@@ -56,8 +82,22 @@ def test_fit_then_sample_from_the_shell(model_folders, tmp_path, capsys):
     assert provenance["data_files"] == ["one.png", "three.jpg", "two.png"] and len(provenance["members"]) == 2
 
     samples = tmp_path / "samples"
-    status = main(["sample", "--fusion", str(out), "--prompt", "a cat", "--out", str(samples), "--num-images", "3",
-                   "--num-inference-steps", "2", "--no-progress"])  # fmt: skip
+    status = main(
+        [
+            "sample",
+            "--fusion",
+            str(out),
+            "--prompt",
+            "a cat",
+            "--out",
+            str(samples),
+            "--num-images",
+            "3",
+            "--num-inference-steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert status == 0
     assert sorted(os.listdir(samples)) == ["grid.png", "sample_000.png", "sample_001.png", "sample_002.png"]
     with PIL.Image.open(samples / "grid.png") as grid:
@@ -68,8 +108,18 @@ def test_bad_data_fails_cleanly_without_writing(model_folders, tmp_path, capsys)
     data = tmp_path / "data"
     write_images(data, ["one.png"])  # no caption
     out = tmp_path / "fusion"
-    arguments = ["fit", "--base", str(model_folders / "base"), "--unet", str(model_folders / "member_a"), "--data",
-                 str(data), "--out", str(out), "--no-progress"]  # fmt: skip
+    arguments = [
+        "fit",
+        "--base",
+        str(model_folders / "base"),
+        "--unet",
+        str(model_folders / "member_a"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(arguments) == 2
     assert "has no caption file 'one.txt'" in capsys.readouterr().err
     (data / "one.txt").write_text("a cat")
@@ -106,9 +156,29 @@ def test_fitted_weights_are_reproducible_from_the_same_folder(model_folders, tmp
     outs = []
     for name in ("first", "second"):
         out = tmp_path / name
-        assert main(["fit", "--base", str(model_folders / "base"), "--unet", str(model_folders / "member_a"),
-                     "--unet", str(model_folders / "member_b"), "--data", str(data), "--out", str(out),
-                     "--num-noise-draws", "2", "--num-bootstrap", "0", "--no-progress"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "fit",
+                    "--base",
+                    str(model_folders / "base"),
+                    "--unet",
+                    str(model_folders / "member_a"),
+                    "--unet",
+                    str(model_folders / "member_b"),
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(out),
+                    "--num-noise-draws",
+                    "2",
+                    "--num-bootstrap",
+                    "0",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         outs.append(ScoreFusionPipeline.from_pretrained(str(out)).unet)
     assert torch.equal(outs[0].fusion_weights, outs[1].fusion_weights)
     first, second = (unet.config.weights_provenance for unet in outs)

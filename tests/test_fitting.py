@@ -107,8 +107,15 @@ def test_sgd_reaches_the_exact_weights_and_loss(problem):
     options = dict(num_noise_draws=4, batch_size=64)
     exact = fit(gaussian_fusion(means, scheduler), scheduler, latents[:16], **options)
     epochs = []
-    sgd = fit(gaussian_fusion(means, scheduler), scheduler, latents[:16], method="sgd", num_epochs=400,
-              callback=lambda epoch, weights, forwards: epochs.append((epoch, forwards)), **options)  # fmt: skip
+    sgd = fit(
+        gaussian_fusion(means, scheduler),
+        scheduler,
+        latents[:16],
+        method="sgd",
+        num_epochs=400,
+        callback=lambda epoch, weights, forwards: epochs.append((epoch, forwards)),
+        **options,
+    )
     torch.testing.assert_close(sgd.gram, exact.gram, rtol=1e-12, atol=0)  # the same data and noise
     torch.testing.assert_close(sgd.weights, exact.weights, atol=2e-3, rtol=0)
     assert sgd.loss == pytest.approx(exact.loss, rel=1e-4) and sgd.loss >= exact.loss - 1e-12
@@ -124,8 +131,13 @@ def test_noise_does_not_depend_on_batching(problem):
     torch.testing.assert_close(first.gram, second.gram, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(first.weights, second.weights, rtol=0, atol=1e-10)
     assert first.provenance["data_fingerprint"] == second.provenance["data_fingerprint"]
-    other = fit(gaussian_fusion(means, scheduler), scheduler, latents[:8], num_noise_draws=3,
-                generator=torch.Generator().manual_seed(1))  # fmt: skip
+    other = fit(
+        gaussian_fusion(means, scheduler),
+        scheduler,
+        latents[:8],
+        num_noise_draws=3,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert not torch.equal(first.gram, other.gram)
 
 
@@ -170,8 +182,14 @@ def test_conditioning_is_indexed_with_the_samples(problem):
     shift = (prompt_embeds.mean(dim=(1, 2)) + text_embeds.mean(dim=1)).reshape(-1, 1, 1, 1)
     latents = barycenter_samples(means, TRUE_WEIGHTS, num_samples) + shift
     unet_kwargs = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": torch.zeros(1, 6)}}
-    result = fit(gaussian_fusion(means, scheduler), scheduler, latents, encoder_hidden_states=prompt_embeds,
-                 unet_kwargs=unet_kwargs, batch_size=7)  # fmt: skip
+    result = fit(
+        gaussian_fusion(means, scheduler),
+        scheduler,
+        latents,
+        encoder_hidden_states=prompt_embeds,
+        unet_kwargs=unet_kwargs,
+        batch_size=7,
+    )
     assert (result.weights - torch.tensor(TRUE_WEIGHTS, dtype=torch.float64)).abs().max() < 0.01
 
 
@@ -181,8 +199,14 @@ def test_small_t_range_and_weightings(problem):
     sigma = (1 - scheduler.alphas_cumprod.double()).sqrt()
     assert t_min == 0 and sigma[t_max] <= SMALL_T_MAX_SIGMA < sigma[t_max + 1]
     for weighting in ("snr", "min_snr"):
-        result = fit(gaussian_fusion(means, scheduler), scheduler, latents, timestep_range="small_t",
-                     weighting=weighting, num_bootstrap=0)  # fmt: skip
+        result = fit(
+            gaussian_fusion(means, scheduler),
+            scheduler,
+            latents,
+            timestep_range="small_t",
+            weighting=weighting,
+            num_bootstrap=0,
+        )
         assert result.provenance["timestep_range"] == [t_min, t_max] and result.standard_errors is None
         assert (result.weights - torch.tensor(TRUE_WEIGHTS, dtype=torch.float64)).abs().max() < 0.05
 
@@ -244,16 +268,29 @@ def test_pipeline_fits_from_images_and_prompts():
     pixels = np.random.default_rng(0).random((3, 32, 32, 3)).astype(np.float32)  # in [0, 1]
     images = [PIL.Image.fromarray((255 * image).round().astype(np.uint8)) for image in pixels]
     prompts = ["a red cat", "a blue dog", "a green bird"]
-    result = pipe.fit_weights(images, prompts, num_noise_draws=2, num_bootstrap=10, generator=torch.Generator().manual_seed(0),
-                              progress_bar=False)  # fmt: skip
+    result = pipe.fit_weights(
+        images,
+        prompts,
+        num_noise_draws=2,
+        num_bootstrap=10,
+        generator=torch.Generator().manual_seed(0),
+        progress_bar=False,
+    )
     assert result.weights.shape == (2,) and result.weights.min() >= 0
     assert result.weights.sum().item() == pytest.approx(1, abs=1e-12)
     assert pipe.unet.config.weights_provenance["num_samples"] == 3
     torch.testing.assert_close(pipe.unet.fusion_weights, result.weights)
     # the same pixels as numpy arrays in [0, 1] give the same data
     quantized = np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
-    again = pipe.fit_weights(quantized, prompts, num_noise_draws=2, num_bootstrap=0, set_weights=False,
-                             generator=torch.Generator().manual_seed(0), progress_bar=False)  # fmt: skip
+    again = pipe.fit_weights(
+        quantized,
+        prompts,
+        num_noise_draws=2,
+        num_bootstrap=0,
+        set_weights=False,
+        generator=torch.Generator().manual_seed(0),
+        progress_bar=False,
+    )
     assert again.provenance["data_fingerprint"] == result.provenance["data_fingerprint"]
     torch.testing.assert_close(again.weights, result.weights)
     as_tensors = [torch.from_numpy(image).permute(2, 0, 1) for image in quantized]  # (3, H, W) in [0, 1]

@@ -15,7 +15,16 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_accelerate_f
 def two_process_results(tmp_path_factory):
     """Both processes' results of `_accelerate_fit_script.py` run by torchrun on 2 CPU processes (gloo)."""
     out_dir = tmp_path_factory.mktemp("accelerate")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, str(out_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        SCRIPT,
+        str(out_dir),
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)  # a hang fails here
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
