@@ -135,7 +135,8 @@ def _train_mlp(settings: Gaussian1DSettings, cache_dir: Optional[str], name: str
 
 def _generate(model: nn.Module, settings: Gaussian1DSettings, seed: int) -> np.ndarray:
     noise = torch.randn((settings.num_generated, 1), generator=torch.Generator().manual_seed(seed))
-    return generate(model, make_noise_scheduler(), noise, settings.sampling_steps)[:, 0].numpy() * DATA_SCALE
+    sample = generate(model, make_noise_scheduler(clip_sample=False), noise, settings.sampling_steps)  # (m, 1)
+    return sample[:, 0].numpy() * DATA_SCALE
 
 
 def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Optional[str]) -> Dict[str, Any]:

@@ -32,9 +32,14 @@ class TrainingConfig:
             raise ValueError(f"steps, batch_size and learning_rate must be positive and warmup_steps >= 0, got {self}")
 
 
-def make_noise_scheduler() -> DDPMScheduler:
-    """The shared training noise schedule: DDPM, 1000 steps, linear betas 1e-4..0.02, epsilon prediction."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+def make_noise_scheduler(clip_sample: bool = True) -> DDPMScheduler:
+    """The shared training noise schedule: DDPM, 1000 steps, linear betas 1e-4..0.02, epsilon prediction.
+
+    `clip_sample` (Diffusers' default, True) clips predicted clean samples to [-1, 1] when sampling: right for images
+    scaled to [-1, 1], wrong for data outside that range.
+    """
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
+                         clip_sample=clip_sample)  # fmt: skip
 
 
 def make_digit_unet(block_out_channels=(32, 64), seed: int = 0) -> UNet2DModel:
