@@ -1,10 +1,10 @@
 """`ScoreFusionPipeline`: Stable Diffusion text-to-image sampling from the KL barycenter of several UNets."""
 
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -21,12 +21,14 @@ def build_fused_unet(
     weights: Optional[WeightsLike] = None,
     allow_pickle: bool = False,
     base_text_encoder: Optional[torch.nn.Module] = None,
+    base_scheduler: Optional[Dict[str, Any]] = None,
     **load_kwargs: Any,
 ) -> FusedUNet:
     """A `FusedUNet` from modules, local folders or Hub ids.
 
     Members given as pipeline folders or repos bring their scheduler (its noise schedule and prediction type) and,
-    when `base_text_encoder` is given and theirs differs from it, their own text encoder.
+    when `base_text_encoder` is given and theirs differs from it, their own text encoder. Members without a scheduler
+    of their own use `base_scheduler` (fine-tunes of the base model) when it is given.
     """
     members, schedulers = zip(*(load_member(unet, allow_pickle=allow_pickle, **load_kwargs) for unet in unets))
     encoders = None
@@ -34,6 +36,7 @@ def build_fused_unet(
         encoders = [load_member_text_encoder(unet, base_text_encoder, allow_pickle=allow_pickle, **load_kwargs)
                     for unet in unets]  # fmt: skip
         encoders = encoders if any(encoder is not None for encoder in encoders) else None
+    schedulers = [base_scheduler if scheduler is None else scheduler for scheduler in schedulers]
     declared = [s is not None for s in schedulers]
     member_schedulers = list(schedulers) if all(declared) else None
     if any(declared) and not all(declared):
@@ -45,6 +48,44 @@ def build_fused_unet(
     fused = FusedUNet(list(members), weights=weights, member_schedulers=member_schedulers, member_text_encoders=encoders)
     fused.member_sources = [member_source(unet) for unet in unets]
     return fused
+
+
+def fusion_loading_kwargs(
+    pretrained_model_name_or_path: Union[str, os.PathLike],
+    unets: Optional[Sequence[MemberSpec]],
+    weights: Optional[WeightsLike],
+    kwargs: Dict[str, Any],
+    text_encoder_class: Optional[type] = None,
+) -> Dict[str, Any]:
+    """The `DiffusionPipeline.from_pretrained` kwargs of a fusion pipeline: safetensors unless `allow_pickle`, and
+    with `unets`, a `FusedUNet` of them as `unet` (members without a scheduler get the base model's).
+
+    With `text_encoder_class`, the base's text encoder is loaded first, so members whose own equals it share it.
+    """
+    kwargs = dict(kwargs)
+    allow_pickle = kwargs.pop("allow_pickle", False)
+    kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+    if unets is None:
+        if weights is not None:
+            raise ValueError("weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()")
+        return kwargs
+    if "unet" in kwargs:
+        raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
+    hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "token", "local_files_only", "revision") if key in kwargs}
+    member_kwargs = {key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs}
+    base_scheduler = None
+    if "scheduler" not in kwargs:
+        base_scheduler = dict(DDPMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs))
+    if text_encoder_class is not None and "text_encoder" not in kwargs:
+        dtype = {"dtype": kwargs["torch_dtype"]} if kwargs.get("torch_dtype") is not None else {}
+        kwargs["text_encoder"] = text_encoder_class.from_pretrained(
+            pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=None if allow_pickle else True,
+            **hub_kwargs, **dtype,
+        )  # fmt: skip
+    kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle, base_text_encoder=kwargs.get("text_encoder")
+                                      if text_encoder_class is not None else None, base_scheduler=base_scheduler,
+                                      **member_kwargs)  # fmt: skip
+    return kwargs
 
 
 class ScoreFusionPipeline(StableDiffusionPipeline):
@@ -111,23 +152,7 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
                 `local_files_only` also apply to the members. Weights load from safetensors only unless
                 `allow_pickle=True`.
         """
-        allow_pickle = kwargs.pop("allow_pickle", False)
-        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
-        if unets is None:
-            if weights is not None:
-                raise ValueError("weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()")
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if "unet" in kwargs:
-            raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
-        member_kwargs = {key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs}
-        if "text_encoder" not in kwargs:  # load it first: members whose own encoder equals it share it
-            dtype = {"dtype": kwargs["torch_dtype"]} if kwargs.get("torch_dtype") is not None else {}
-            kwargs["text_encoder"] = CLIPTextModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=None if allow_pickle else True,
-                revision=kwargs.get("revision"), **{k: v for k, v in member_kwargs.items() if k != "torch_dtype"}, **dtype,
-            )  # fmt: skip
-        kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle,
-                                          base_text_encoder=kwargs["text_encoder"], **member_kwargs)  # fmt: skip
+        kwargs = fusion_loading_kwargs(pretrained_model_name_or_path, unets, weights, kwargs, CLIPTextModel)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def encode_prompt(

@@ -13,7 +13,7 @@ from .fitting import FitResult, fit_weights
 from .fusion_utils import WeightsLike
 from .loading_utils import MemberSpec
 from .modeling_fused_unet import FusedUNet, check_scheduler_matches
-from .pipeline_score_fusion import build_fused_unet
+from .pipeline_score_fusion import fusion_loading_kwargs
 
 
 class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
@@ -94,19 +94,7 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
                 `local_files_only` also apply to the members. Weights load from safetensors only unless
                 `allow_pickle=True`.
         """
-        allow_pickle = kwargs.pop("allow_pickle", False)
-        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
-        if unets is None:
-            if weights is not None:
-                raise ValueError(
-                    "weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()"
-                )
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if "unet" in kwargs:
-            raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
-        shared_keys = ("torch_dtype", "cache_dir", "token", "local_files_only")
-        member_kwargs = {key: kwargs[key] for key in shared_keys if key in kwargs}
-        kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle, **member_kwargs)
+        kwargs = fusion_loading_kwargs(pretrained_model_name_or_path, unets, weights, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ from diffusers.models.attention_processor import Attention, SlicedAttnProcessor
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
+from diffusers_scorefusion.pipeline_score_fusion import build_fused_unet
 from diffusers_scorefusion.testing_utils import (
     get_dummy_scheduler,
     get_dummy_text_encoder,
@@ -292,9 +293,13 @@ def test_from_pretrained_refuses_bad_members(saved):
 
 
 def test_from_pretrained_mixing_a_unet_folder_and_a_pipeline_folder(parts, saved):
-    # only pipeline folders declare a noise schedule: a mix cannot be checked, so it is refused with the member index
+    # a member without its own scheduler is a fine-tune of the base: it gets the base's noise schedule
+    pipe = ScoreFusionPipeline.from_pretrained(saved / "base", unets=[saved / "unet_0", saved / "pipeline_1"])
+    base_schedule = {key: pipe.scheduler.config[key] for key in pipe.unet.config.noise_schedule}
+    assert pipe.unet.config.noise_schedule == base_schedule
+    # without a base to fall back on, a mix cannot be checked, so it is refused with the member index
     with pytest.raises(ValueError, match=r"members \[0\] come without a scheduler config while others have one"):
-        ScoreFusionPipeline.from_pretrained(saved / "base", unets=[saved / "unet_0", saved / "pipeline_1"])
+        build_fused_unet([saved / "unet_0", saved / "pipeline_1"])
 
 
 # ------------------------------------------------------------------------------------------------ converted members
