@@ -26,55 +26,16 @@ from .fusion_utils import (
     convert_prediction,
     timestep_bins,
 )
+from .member_utils import (
+    NOISE_SCHEDULE_KEYS,
+    check_member_schedules,
+    check_members,
+    copy_containers,
+    noise_schedule_of,
+    resolve_member_prediction_types,
+    text_encoder_slots,
+)
 from .offload_utils import enable_group_offload_per_member, run_on_member_device
-
-# Config keys pipelines read from `pipe.unet.config`; every member must agree on them.
-INTERFACE_KEYS = (
-    "in_channels",
-    "out_channels",
-    "sample_size",
-    "cross_attention_dim",
-    "time_cond_proj_dim",
-    "addition_embed_type",
-    "addition_time_embed_dim",
-    "projection_class_embeddings_input_dim",
-    "encoder_hid_dim",
-    "encoder_hid_dim_type",
-    "class_embed_type",
-    "num_class_embeds",
-)
-# Scheduler config keys that define the training noise schedule (alphas_cumprod).
-NOISE_SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "rescale_betas_zero_snr",
-)
-NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                           "trained_betas": None, "rescale_betas_zero_snr": False}  # fmt: skip
-
-
-def _config_get(config: Any, key: str) -> Any:
-    if isinstance(config, dict):
-        return config.get(key)
-    return getattr(config, key, None)
-
-
-def noise_schedule_of(scheduler: Union[ConfigMixin, Dict[str, Any]]) -> Dict[str, Any]:
-    """The noise-schedule part of a scheduler (or scheduler config), defaults filled in."""
-    config = scheduler if isinstance(scheduler, dict) else getattr(scheduler, "config", None)
-    if config is None:
-        raise TypeError(f"expected a Diffusers scheduler or a scheduler config dict, got {type(scheduler).__name__}")
-    schedule = {}
-    for key in NOISE_SCHEDULE_KEYS:
-        value = _config_get(config, key)
-        schedule[key] = NOISE_SCHEDULE_DEFAULTS[key] if value is None else value
-    if schedule["trained_betas"] is not None:
-        schedule["trained_betas"] = [float(beta) for beta in schedule["trained_betas"]]
-    return schedule
-
 
 def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
     """Refuses a scheduler whose prediction type or noise schedule differs from the FusedUNet's."""
@@ -94,14 +55,6 @@ def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
         if differing:
             raise ValueError(f"the scheduler's noise schedule differs from the members' (scheduler vs members): {differing}")
 
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _copy_containers(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    # UNet2DConditionModel pops from `down_intrablock_additional_residuals` and `cross_attention_kwargs`.
-    return {key: (type(value)(value) if isinstance(value, (list, dict)) else value) for key, value in kwargs.items()}
 
 
 class FusedUNet(ModelMixin, ConfigMixin):
@@ -153,10 +106,10 @@ class FusedUNet(ModelMixin, ConfigMixin):
         unets = list(unets)
         if len(unets) == 0:
             raise ValueError("unets must hold at least one member, got an empty list")
-        interface = self._check_members(unets)
+        interface = check_members(unets)
         num_members = len(unets)
-        noise_schedule = self._check_schedules(member_schedulers, num_members)
-        member_prediction_types = self._resolve_member_types(member_prediction_types, member_schedulers, num_members)
+        noise_schedule = check_member_schedules(member_schedulers, num_members)
+        member_prediction_types = resolve_member_prediction_types(member_prediction_types, member_schedulers, num_members)
         if prediction_type is None:
             if len(set(member_prediction_types)) > 1:
                 raise ValueError(
@@ -171,7 +124,7 @@ class FusedUNet(ModelMixin, ConfigMixin):
                 "member_schedulers= (the members' training schedulers) so outputs can be converted exactly"
             )
         self.unets = nn.ModuleList(unets)
-        encoder_slots = self._encoder_slots(member_text_encoders, num_members)
+        encoder_slots = text_encoder_slots(member_text_encoders, num_members)
         self.text_encoders = nn.ModuleList(encoder_slots[1])
         self.member_sources: List[Optional[Dict[str, Any]]] = [None] * num_members
         self._alphas_cumprod = None
@@ -187,92 +140,6 @@ class FusedUNet(ModelMixin, ConfigMixin):
         )
         self._weights_override = None
         self.set_weights([1.0 / num_members] * num_members if weights is None else weights, timestep_bin_edges)
-
-    # ----------------------------------------------------------------------------------------------- validation
-    @staticmethod
-    def _check_members(unets: List[nn.Module]) -> Dict[str, Any]:
-        for i, unet in enumerate(unets):
-            if not isinstance(unet, nn.Module):
-                raise TypeError(f"member {i} must be a torch.nn.Module, got {type(unet).__name__}")
-            config = getattr(unet, "config", None)
-            missing = [key for key in ("in_channels", "out_channels", "sample_size") if _config_get(config, key) is None]
-            if config is None or missing:
-                raise TypeError(
-                    f"member {i} ({type(unet).__name__}) needs a `config` with in_channels, out_channels and "
-                    f"sample_size; missing {missing if config is not None else 'the config'}"
-                )
-        reference = {key: _plain(_config_get(unets[0].config, key)) for key in INTERFACE_KEYS}
-        for i, unet in enumerate(unets[1:], start=1):
-            for key, expected in reference.items():
-                value = _plain(_config_get(unet.config, key))
-                if value != expected:
-                    raise ValueError(f"member {i} has {key}={value!r} but member 0 has {key}={expected!r}")
-        dtypes = [next(unet.parameters(), torch.empty(0)).dtype for unet in unets]
-        for i, dtype in enumerate(dtypes[1:], start=1):
-            if dtype != dtypes[0]:
-                raise ValueError(f"member {i} has dtype {dtype} but member 0 has dtype {dtypes[0]}")
-        return reference
-
-    @staticmethod
-    def _check_schedules(member_schedulers, num_members: int) -> Optional[Dict[str, Any]]:
-        if member_schedulers is None:
-            return None
-        if len(member_schedulers) != num_members:
-            raise ValueError(f"member_schedulers must hold {num_members} entries (one per member), got {len(member_schedulers)}")
-        schedules = [noise_schedule_of(scheduler) for scheduler in member_schedulers]
-        for i, schedule in enumerate(schedules[1:], start=1):
-            differing = {key: (schedule[key], schedules[0][key]) for key in schedule if schedule[key] != schedules[0][key]}
-            if differing:
-                shown = ", ".join(f"{key}={mine!r} vs {theirs!r}" for key, (mine, theirs) in differing.items())
-                raise ValueError(f"member {i}'s noise schedule differs from member 0's: {shown}")
-        return schedules[0]
-
-    @staticmethod
-    def _resolve_member_types(member_prediction_types, member_schedulers, num_members: int) -> List[str]:
-        declared = None
-        if member_schedulers is not None:
-            declared = [_config_get(noise_config, "prediction_type") for noise_config in
-                        (s if isinstance(s, dict) else s.config for s in member_schedulers)]  # fmt: skip
-        if member_prediction_types is None:
-            member_prediction_types = [t or "epsilon" for t in declared] if declared else ["epsilon"] * num_members
-        member_prediction_types = list(member_prediction_types)
-        if len(member_prediction_types) != num_members:
-            raise ValueError(
-                f"member_prediction_types must hold {num_members} entries, got {len(member_prediction_types)}: "
-                f"{member_prediction_types}"
-            )
-        for i, kind in enumerate(member_prediction_types):
-            if kind not in PREDICTION_TYPES:
-                raise ValueError(f"member_prediction_types[{i}] must be one of {PREDICTION_TYPES}, got {kind!r}")
-            if declared and declared[i] is not None and declared[i] != kind:
-                raise ValueError(
-                    f"member {i}'s scheduler says prediction_type={declared[i]!r} but member_prediction_types[{i}]={kind!r}"
-                )
-        return member_prediction_types
-
-    @staticmethod
-    def _encoder_slots(member_text_encoders, num_members: int):
-        """Slot of each member's text encoder (0: the pipeline's, j: `text_encoders[j - 1]`) and the distinct encoders."""
-        if member_text_encoders is None:
-            return None, []
-        if len(member_text_encoders) != num_members:
-            raise ValueError(
-                f"member_text_encoders must hold {num_members} entries (a module or None per member), "
-                f"got {len(member_text_encoders)}"
-            )
-        encoders, slots = [], []
-        for i, encoder in enumerate(member_text_encoders):
-            if encoder is None:
-                slots.append(0)
-                continue
-            if not isinstance(encoder, nn.Module):
-                raise TypeError(f"member_text_encoders[{i}] must be a torch.nn.Module or None, got {type(encoder).__name__}")
-            found = next((j for j, known in enumerate(encoders) if known is encoder), None)
-            if found is None:
-                encoders.append(encoder)
-                found = len(encoders) - 1
-            slots.append(found + 1)
-        return (slots, encoders) if encoders else (None, [])
 
     @property
     def num_encoder_slots(self) -> int:
@@ -373,7 +240,7 @@ class FusedUNet(ModelMixin, ConfigMixin):
         """
         if "encoder_hidden_states" in kwargs:
             kwargs["encoder_hidden_states"] = self._member_hidden_states(index, kwargs["encoder_hidden_states"])
-        kwargs = _copy_containers({key: value for key, value in kwargs.items() if value is not None})
+        kwargs = copy_containers({key: value for key, value in kwargs.items() if value is not None})
         return run_on_member_device(self.unets[index], sample, timestep, return_dict=return_dict, **kwargs)
 
     def member_outputs(

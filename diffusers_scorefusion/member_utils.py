@@ -1,0 +1,156 @@
+"""Checks and small helpers for `FusedUNet` members: interfaces, noise schedules, prediction types, encoders."""
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from torch import nn
+
+from .fusion_utils import PREDICTION_TYPES
+
+# Config keys pipelines read from `pipe.unet.config`; every member must agree on them.
+INTERFACE_KEYS = (
+    "in_channels",
+    "out_channels",
+    "sample_size",
+    "cross_attention_dim",
+    "time_cond_proj_dim",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "class_embed_type",
+    "num_class_embeds",
+)
+# Scheduler config keys that define the training noise schedule (alphas_cumprod).
+NOISE_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+)
+NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                           "trained_betas": None, "rescale_betas_zero_snr": False}  # fmt: skip
+
+
+def config_get(config: Any, key: str) -> Any:
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def noise_schedule_of(scheduler: Union[ConfigMixin, Dict[str, Any]]) -> Dict[str, Any]:
+    """The noise-schedule part of a scheduler (or scheduler config), defaults filled in."""
+    config = scheduler if isinstance(scheduler, dict) else getattr(scheduler, "config", None)
+    if config is None:
+        raise TypeError(f"expected a Diffusers scheduler or a scheduler config dict, got {type(scheduler).__name__}")
+    schedule = {}
+    for key in NOISE_SCHEDULE_KEYS:
+        value = config_get(config, key)
+        schedule[key] = NOISE_SCHEDULE_DEFAULTS[key] if value is None else value
+    if schedule["trained_betas"] is not None:
+        schedule["trained_betas"] = [float(beta) for beta in schedule["trained_betas"]]
+    return schedule
+
+
+def plain(value: Any) -> Any:
+    """Tuples as lists, so configs compare equal however they were stored."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def copy_containers(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Shallow copies of list and dict arguments, one set per member call."""
+    # UNet2DConditionModel pops from `down_intrablock_additional_residuals` and `cross_attention_kwargs`.
+    return {key: (type(value)(value) if isinstance(value, (list, dict)) else value) for key, value in kwargs.items()}
+
+
+def check_members(unets: List[nn.Module]) -> Dict[str, Any]:
+    """Refuses members that are not UNet-like or disagree with member 0; returns the shared interface config."""
+    for i, unet in enumerate(unets):
+        if not isinstance(unet, nn.Module):
+            raise TypeError(f"member {i} must be a torch.nn.Module, got {type(unet).__name__}")
+        config = getattr(unet, "config", None)
+        missing = [key for key in ("in_channels", "out_channels", "sample_size") if config_get(config, key) is None]
+        if config is None or missing:
+            raise TypeError(
+                f"member {i} ({type(unet).__name__}) needs a `config` with in_channels, out_channels and "
+                f"sample_size; missing {missing if config is not None else 'the config'}"
+            )
+    reference = {key: plain(config_get(unets[0].config, key)) for key in INTERFACE_KEYS}
+    for i, unet in enumerate(unets[1:], start=1):
+        for key, expected in reference.items():
+            value = plain(config_get(unet.config, key))
+            if value != expected:
+                raise ValueError(f"member {i} has {key}={value!r} but member 0 has {key}={expected!r}")
+    dtypes = [next(unet.parameters(), torch.empty(0)).dtype for unet in unets]
+    for i, dtype in enumerate(dtypes[1:], start=1):
+        if dtype != dtypes[0]:
+            raise ValueError(f"member {i} has dtype {dtype} but member 0 has dtype {dtypes[0]}")
+    return reference
+
+def check_member_schedules(member_schedulers: Optional[Sequence[Any]], num_members: int) -> Optional[Dict[str, Any]]:
+    """The members' shared noise schedule (refusing members whose schedules differ), or `None` if not given."""
+    if member_schedulers is None:
+        return None
+    if len(member_schedulers) != num_members:
+        raise ValueError(f"member_schedulers must hold {num_members} entries (one per member), got {len(member_schedulers)}")
+    schedules = [noise_schedule_of(scheduler) for scheduler in member_schedulers]
+    for i, schedule in enumerate(schedules[1:], start=1):
+        differing = {key: (schedule[key], schedules[0][key]) for key in schedule if schedule[key] != schedules[0][key]}
+        if differing:
+            shown = ", ".join(f"{key}={mine!r} vs {theirs!r}" for key, (mine, theirs) in differing.items())
+            raise ValueError(f"member {i}'s noise schedule differs from member 0's: {shown}")
+    return schedules[0]
+
+def resolve_member_prediction_types(
+    member_prediction_types: Optional[Sequence[str]], member_schedulers: Optional[Sequence[Any]], num_members: int
+) -> List[str]:
+    """Each member's prediction type: given, else its scheduler's, else `"epsilon"`; given and declared must agree."""
+    declared = None
+    if member_schedulers is not None:
+        declared = [config_get(noise_config, "prediction_type") for noise_config in
+                    (s if isinstance(s, dict) else s.config for s in member_schedulers)]  # fmt: skip
+    if member_prediction_types is None:
+        member_prediction_types = [t or "epsilon" for t in declared] if declared else ["epsilon"] * num_members
+    member_prediction_types = list(member_prediction_types)
+    if len(member_prediction_types) != num_members:
+        raise ValueError(
+            f"member_prediction_types must hold {num_members} entries, got {len(member_prediction_types)}: "
+            f"{member_prediction_types}"
+        )
+    for i, kind in enumerate(member_prediction_types):
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(f"member_prediction_types[{i}] must be one of {PREDICTION_TYPES}, got {kind!r}")
+        if declared and declared[i] is not None and declared[i] != kind:
+            raise ValueError(
+                f"member {i}'s scheduler says prediction_type={declared[i]!r} but member_prediction_types[{i}]={kind!r}"
+            )
+    return member_prediction_types
+
+def text_encoder_slots(
+    member_text_encoders: Optional[Sequence[Optional[nn.Module]]], num_members: int
+) -> Tuple[Optional[List[int]], List[nn.Module]]:
+    """Slot of each member's text encoder (0: the pipeline's, j: `text_encoders[j - 1]`) and the distinct encoders."""
+    if member_text_encoders is None:
+        return None, []
+    if len(member_text_encoders) != num_members:
+        raise ValueError(
+            f"member_text_encoders must hold {num_members} entries (a module or None per member), "
+            f"got {len(member_text_encoders)}"
+        )
+    encoders, slots = [], []
+    for i, encoder in enumerate(member_text_encoders):
+        if encoder is None:
+            slots.append(0)
+            continue
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"member_text_encoders[{i}] must be a torch.nn.Module or None, got {type(encoder).__name__}")
+        found = next((j for j, known in enumerate(encoders) if known is encoder), None)
+        if found is None:
+            encoders.append(encoder)
+            found = len(encoders) - 1
+        slots.append(found + 1)
+    return (slots, encoders) if encoders else (None, [])
