@@ -13,7 +13,7 @@ from .fitting import FitResult, encode_for_fitting, fit_weights
 from .fusion_utils import WeightsLike
 from .loading_utils import MemberSpec, load_member, load_member_text_encoder, member_source
 from .modeling_fused_unet import FusedUNet, check_scheduler_matches
-from .serialization import atomic_directory
+from .serialization import save_atomically
 
 
 def build_fused_unet(
@@ -194,10 +194,7 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
         """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
-        if kwargs.get("push_to_hub"):
-            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
-        with atomic_directory(os.fspath(save_directory)) as staging:
-            super().save_pretrained(staging, **kwargs)
+        save_atomically(super().save_pretrained, save_directory, **kwargs)
 
     @torch.no_grad()
     def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any):

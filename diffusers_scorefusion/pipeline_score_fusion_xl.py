@@ -14,6 +14,7 @@ from .fusion_utils import WeightsLike
 from .loading_utils import MemberSpec
 from .modeling_fused_unet import FusedUNet, check_scheduler_matches
 from .pipeline_score_fusion import fusion_loading_kwargs
+from .serialization import save_atomically
 
 
 class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
@@ -96,6 +97,10 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
         """
         kwargs = fusion_loading_kwargs(pretrained_model_name_or_path, unets, weights, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
+        """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
+        save_atomically(super().save_pretrained, save_directory, **kwargs)
 
     @torch.no_grad()
     def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any):

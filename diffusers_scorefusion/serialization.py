@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import transformers
 from torch import nn
@@ -71,6 +71,15 @@ def atomic_directory(save_directory: str) -> Iterator[str]:
     os.replace(staging, save_directory)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_atomically(save: Callable[..., None], save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
+    """Runs a `save_pretrained`-like `save(folder, **kwargs)` through `atomic_directory`; a Hub push keeps the name."""
+    save_directory = os.fspath(save_directory)
+    if kwargs.get("push_to_hub"):
+        kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))
+    with atomic_directory(save_directory) as staging:
+        save(staging, **kwargs)
 
 
 def _public_config(config: Any) -> Dict[str, Any]:

@@ -252,3 +252,23 @@ def test_device_map_per_member(saved):
     assert all(param.device.type == "cpu" for param in loaded.parameters())
     with pytest.raises(ValueError, match="device_map as a list must hold 2 entries"):
         FusedUNet.from_pretrained(saved, device_map=["cpu"])
+
+
+def test_xl_pipeline_round_trip_and_atomic_save(tmp_path, monkeypatch):
+    from diffusers_scorefusion import ScoreFusionXLPipeline
+    from diffusers_scorefusion.testing_utils import get_dummy_xl_components
+
+    pipe = ScoreFusionXLPipeline(**get_dummy_xl_components(num_members=2))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "xl")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "xl")
+    assert type(loaded) is ScoreFusionXLPipeline
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    expected = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (loaded("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images == expected).all()
+    before = _files(tmp_path / "xl")
+    monkeypatch.setattr(pipe.unet.unets[1], "save_pretrained", KeyboardInterruptRaiser())
+    with pytest.raises(KeyboardInterrupt):
+        pipe.save_pretrained(tmp_path / "xl")
+    assert _files(tmp_path / "xl") == before
