@@ -11,8 +11,8 @@ from diffusers_scorefusion import FusedUNet
 from diffusers_scorefusion.experiments.gaussian1d import (
     QUICK_1D,
     TARGET,
-    MLPDenoiser,
     Mixture1D,
+    MLPDenoiser,
     run_gaussian1d,
     wasserstein1,
 )

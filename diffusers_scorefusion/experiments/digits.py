@@ -126,7 +126,9 @@ def _trained_unet(settings: DigitsSettings, cache_dir: Optional[str], name: str,
         return digit_data.dequantize(sampler(batch_size, generator), generator).unsqueeze(1)
 
     def build() -> UNet2DModel:
-        return copy.deepcopy(start_from) if start_from is not None else make_digit_unet(settings.block_out_channels, seed)
+        if start_from is not None:
+            return copy.deepcopy(start_from)
+        return make_digit_unet(settings.block_out_channels, seed)
 
     def train(model: UNet2DModel) -> UNet2DModel:
         return train_denoiser(model, draw, scheduler, config, torch.Generator().manual_seed(seed), description=name)
@@ -168,15 +170,14 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
     n_values = resolve_n_values(settings.n_values, digit_data.max_target_size(split, target_mix))
     classifier, classifier_accuracy = train_proportion_classifier(pixels, labels, split)
     aux_pools = [split.images(pixels, "auxiliary", d) for d in settings.digits]
-    target_pixels_by_class = [split.images(pixels, "target", d) for d in settings.digits]
     test_pixels = [_as_model_input(split.images(pixels, "test", d)) for d in settings.digits]
-    data_key = dict(digits=list(settings.digits), split_sizes=dict(settings.split_sizes), split_seed=settings.split_seed)
+    data_key = dict(digits=list(settings.digits), split_sizes=dict(settings.split_sizes),
+                    split_seed=settings.split_seed)  # fmt: skip
 
-    auxiliaries = [
-        _trained_unet(settings, cache_dir, f"aux{i + 1}", data_key, aux_pools, (p, 1 - p), settings.auxiliary_training,
-                      seed=i)  # fmt: skip
-        for i, p in enumerate(tqdm(settings.auxiliary_proportions, desc="auxiliary models"))
-    ]
+    auxiliaries = []
+    for i, p in enumerate(tqdm(settings.auxiliary_proportions, desc="auxiliary models")):
+        auxiliaries.append(_trained_unet(settings, cache_dir, f"aux{i + 1}", data_key, aux_pools, (p, 1 - p),
+                                         settings.auxiliary_training, seed=i))  # fmt: skip
     closest = closest_auxiliary(settings)
     num_aux = len(auxiliaries)
     records: List[Dict[str, Any]] = []  # one per (seed, n, method)
@@ -214,7 +215,8 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
             results = dict(reference_results)
             results["scratch"] = dict(evaluate(scratch, settings, test_pixels, classifier, noise, seed), weights=None)
             results["finetune"] = dict(evaluate(finetune, settings, test_pixels, classifier, noise, seed), weights=None)
-            results["scorefusion"] = dict(evaluate(fused, settings, test_pixels, classifier, noise, seed), weights=weights)
+            results["scorefusion"] = dict(evaluate(fused, settings, test_pixels, classifier, noise, seed),
+                                          weights=weights)  # fmt: skip
             for method, result in results.items():
                 record = dict(seed=seed, n=n, method=method, nll_bpd=result["nll_bpd"],
                               proportion=result["proportion"], weights=result["weights"])  # fmt: skip
@@ -228,7 +230,8 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
     spectrum, spectrum_labels = lambda_spectrum(auxiliaries, settings, fitted_example)
     meta = dict(
         classifier_test_accuracy=classifier_accuracy, n_values=n_values, closest_auxiliary=f"aux{closest + 1}",
-        split_sizes={name: {str(d): int(split.indices[name][d].size) for d in settings.digits} for name in split.indices},
+        split_sizes={name: {str(d): int(part[d].size) for d in settings.digits}
+                     for name, part in split.indices.items()},
         wall_time_s=time.time() - started, settings=_settings_dict(settings),
     )  # fmt: skip
     return write_digits_outputs(out_dir, settings, method_names(settings), records, meta, sample_images, spectrum,
@@ -236,7 +239,7 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
 
 
 def lambda_spectrum(auxiliaries: Sequence[torch.nn.Module], settings: DigitsSettings,
-                    fitted: Optional[Sequence[float]], num_noises: int = 8) -> Tuple[np.ndarray, List[str]]:  # fmt: skip
+                    fitted: Optional[Sequence[float]], num_noises: int = 8) -> Tuple[np.ndarray, List[str]]:
     """Samples from one set of initial noises for weights sweeping from aux 1 to the last aux (plus the fitted ones)."""
     num_aux = len(auxiliaries)
     fused = FusedUNet(auxiliaries)
@@ -253,12 +256,13 @@ def lambda_spectrum(auxiliaries: Sequence[torch.nn.Module], settings: DigitsSett
     images = []
     for weights in columns:
         fused.set_weights(weights)
-        images.append(digit_data.quantize(generate(fused, make_noise_scheduler(), noise, settings.sampling_steps))[:, 0])
+        sample = generate(fused, make_noise_scheduler(), noise, settings.sampling_steps)  # (num_noises, 1, 8, 8)
+        images.append(digit_data.quantize(sample)[:, 0])
     return torch.stack(images, dim=1).numpy(), labels  # (num_noises, num_columns, 8, 8)
 
 
 def _settings_dict(settings: DigitsSettings) -> Dict[str, Any]:
-    return {key: (asdict(value) if isinstance(value, TrainingConfig) else value) for key, value in vars(settings).items()}
+    return {key: asdict(value) if isinstance(value, TrainingConfig) else value for key, value in vars(settings).items()}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -5,7 +5,15 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from .reporting import atomic_write_bytes, markdown_table, mean_and_se, plot_image_panels, plot_metric_vs_n, plot_spectrum, write_json
+from .reporting import (
+    atomic_write_bytes,
+    markdown_table,
+    mean_and_se,
+    plot_image_panels,
+    plot_metric_vs_n,
+    plot_spectrum,
+    write_json,
+)
 
 UNITS = (
     "nll_bpd: test negative log-likelihood in bits per dimension of the 64-pixel images with 17 grey levels, from the "
@@ -50,8 +58,8 @@ def write_digits_outputs(out_dir: str, settings: Any, methods: Sequence[str], re
         name = f"samples_n{n}.png"
         ordered = {method: panels[method][:48] for method in methods if method in panels}
         plot_image_panels(ordered, columns=6, title=f"Generated digits, n = {n} target samples (seed "
-                          f"{settings.seeds[0]}, same initial noise for every method)", path=os.path.join(out_dir, name),
-                          vmax=16)  # fmt: skip
+                          f"{settings.seeds[0]}, same initial noise for every method)",
+                          path=os.path.join(out_dir, name), vmax=16)  # fmt: skip
         figures.append(name)
     plot_metric_vs_n(rows, methods, "nll_bpd", "nll_se", "test NLL (bits/dim), lower is better",
                      "Digits: test NLL vs number of target samples", os.path.join(out_dir, "nll_vs_n.png"))  # fmt: skip
@@ -61,7 +69,8 @@ def write_digits_outputs(out_dir: str, settings: Any, methods: Sequence[str], re
     plot_spectrum(spectrum, spectrum_labels, "λ-spectrum: same initial noise, weights moving from aux1 to "
                   f"aux{len(settings.auxiliary_proportions)}", os.path.join(out_dir, "lambda_spectrum.png"), vmax=16)
     figures += ["nll_vs_n.png", "proportion_vs_n.png", "lambda_spectrum.png"]
-    atomic_write_bytes(os.path.join(out_dir, "report.md"), report_markdown(settings, methods, rows, meta, figures).encode())
+    report = report_markdown(settings, methods, rows, meta, figures)
+    atomic_write_bytes(os.path.join(out_dir, "report.md"), report.encode())
     return payload
 
 
@@ -75,29 +84,32 @@ def report_markdown(settings: Any, methods: Sequence[str], rows: List[Dict[str, 
     fusion_rows = [r for r in rows if r["method"] == "scorefusion"]
     weight_lines = "\n".join(f"| {r['n']} | " + ", ".join(f"{w:.3f}" for w in r["weights"]) + " |" for r in fusion_rows)
     sizes = meta["split_sizes"]
+
+    def pair(name: str) -> str:
+        return f"{sizes[name][str(first)]}/{sizes[name][str(second)]}"
+
+    aux_cfg, scratch_cfg = settings.auxiliary_training, settings.scratch_training
     lines = [
         f"# Digits experiment ({settings.preset} run)", "",
-        f"Real data: scikit-learn's bundled 8x8 digits, classes {first} and {second}. Per class, disjoint splits "
-        f"(split seed {settings.split_seed}): test {sizes['test'][str(first)]}/{sizes['test'][str(second)]} images "
-        f"(NLL only), classifier {sizes['classifier'][str(first)]}/{sizes['classifier'][str(second)]} (trains the "
-        f"proportion classifier only), auxiliary pool {sizes['auxiliary'][str(first)]}/"
-        f"{sizes['auxiliary'][str(second)]}, target pool {sizes['target'][str(first)]}/{sizes['target'][str(second)]}.",
+        (f"Real data: scikit-learn's bundled 8x8 digits, classes {first} and {second}. Per class, disjoint splits "
+         f"(split seed {settings.split_seed}): test {pair('test')} images (NLL only), classifier {pair('classifier')} "
+         f"(trains the proportion classifier only), auxiliary pool {pair('auxiliary')}, target pool {pair('target')}."),
         "",
-        f"Auxiliary populations (share of {first}, share of {second}): {aux}; one `UNet2DModel` "
-        f"(block_out_channels {list(settings.block_out_channels)}) trained on each for "
-        f"{settings.auxiliary_training.steps} steps. Target: ({settings.target_proportion:.1f}, "
-        f"{1 - settings.target_proportion:.1f}); n target images drawn (stratified) from the target pool per seed. "
-        f"scratch: {settings.scratch_training.steps} steps from a fresh init on the n images; finetune: "
-        f"{meta['closest_auxiliary']} (closest mix) fine-tuned {settings.finetune_training.steps} steps; scorefusion: "
-        f"the four auxiliaries with weights fitted by `fit_weights` (exact simplex QP, {settings.fit_noise_draws} noise "
-        "draws per image, whole timestep range); uniform and aux1..aux4 are references that do not use the target data.",
+        (f"Auxiliary populations (share of {first}, share of {second}): {aux}; one `UNet2DModel` "
+         f"(block_out_channels {list(settings.block_out_channels)}) trained on each for {aux_cfg.steps} steps of batch "
+         f"{aux_cfg.batch_size}. Target: ({settings.target_proportion:.1f}, {1 - settings.target_proportion:.1f}); "
+         f"n target images drawn (stratified) from the target pool per seed. scratch: {scratch_cfg.steps} steps "
+         f"(batch {scratch_cfg.batch_size}) from a fresh init on the n images; finetune: {meta['closest_auxiliary']} "
+         f"(closest mix) fine-tuned {settings.finetune_training.steps} steps; scorefusion: the four auxiliaries with "
+         f"weights fitted by `fit_weights` (exact simplex QP, {settings.fit_noise_draws} noise draws per image, whole "
+         "timestep range); uniform and aux1..aux4 are references that do not use the target data."),
         "",
-        f"Units: {UNITS}. NLL: RK4 with {settings.nll_steps} steps ({4 * settings.nll_steps} evaluations) in "
+        (f"Units: {UNITS}. NLL: RK4 with {settings.nll_steps} steps ({4 * settings.nll_steps} evaluations) in "
         "log sigma, one Rademacher probe per image, one dequantisation draw per image, the same draws for every "
         f"method; {se_text} (each seed redraws the target sample, the training noise of scratch/finetune, the fit and "
         "the estimator noise; the auxiliaries are trained once). Proportion: "
         f"{settings.num_generated} samples per method and seed (DDIM, {settings.sampling_steps} steps), classified by "
-        f"logistic regression (accuracy on the real test split: {meta['classifier_test_accuracy']:.3f}).",
+        f"logistic regression (accuracy on the real test split: {meta['classifier_test_accuracy']:.3f})."),
         "",
         "## Test NLL (bits/dim, lower is better)", "",
         markdown_table(rows, methods, "nll_bpd", "nll_se", digits=3, best="min"), "",

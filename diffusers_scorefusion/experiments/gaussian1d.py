@@ -24,8 +24,15 @@ from tqdm.auto import tqdm
 
 from ..fitting import fit_weights
 from ..modeling_fused_unet import FusedUNet
-from .reporting import (atomic_write_bytes, markdown_table, mean_and_se, plot_metric_vs_n, save_figure,
-                        pyplot, write_json)  # fmt: skip
+from .reporting import (
+    atomic_write_bytes,
+    markdown_table,
+    mean_and_se,
+    plot_metric_vs_n,
+    pyplot,  # fmt: skip
+    save_figure,
+    write_json,
+)
 from .training import TrainingConfig, generate, load_or_train, make_noise_scheduler, train_denoiser
 
 DATA_SCALE = 5.0  # model space = original units / DATA_SCALE, so the data has roughly unit scale for the VP schedule
@@ -156,8 +163,8 @@ def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Option
             target = TARGET.sample(n, torch.Generator().manual_seed(1_000 * seed + n))  # (n,) original units
             latents = (target / DATA_SCALE).float()[:, None]  # (n, 1) model space
 
-            def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
-                return latents[torch.randint(0, n, (batch_size,), generator=generator)]
+            def draw(batch_size: int, generator: torch.Generator, latents: torch.Tensor = latents) -> torch.Tensor:
+                return latents[torch.randint(0, latents.shape[0], (batch_size,), generator=generator)]
 
             scratch = _train_mlp(settings, cache_dir, "scratch", dict(target=target.tolist()), draw,
                                  settings.scratch_training, seed=100 + seed)  # fmt: skip
@@ -189,7 +196,9 @@ def _aggregate(records: List[Dict[str, Any]], methods: Sequence[str]) -> List[Di
         for method in methods:
             chosen = [r for r in records if r["n"] == n and r["method"] == method]
             w1, w1_se = mean_and_se([r["w1"] for r in chosen])
-            weights = None if chosen[0]["weights"] is None else np.mean([r["weights"] for r in chosen], 0).round(4).tolist()
+            weights = None
+            if chosen[0]["weights"] is not None:
+                weights = np.mean([r["weights"] for r in chosen], axis=0).round(4).tolist()
             rows.append(dict(n=n, method=method, w1=w1, w1_se=w1_se, weights=weights, num_seeds=len(chosen)))
     return rows
 
@@ -205,7 +214,7 @@ def _spectrum(auxiliaries: Sequence[nn.Module], settings: Gaussian1DSettings) ->
 
 
 def _write_outputs(out_dir: str, settings: Gaussian1DSettings, methods: Sequence[str], payload: Dict[str, Any],
-                   histograms: Dict[int, Dict[str, np.ndarray]], spectrum: Dict[float, np.ndarray]) -> None:  # fmt: skip
+                   histograms: Dict[int, Dict[str, np.ndarray]], spectrum: Dict[float, np.ndarray]) -> None:
     rows = payload["rows"]
     write_json(os.path.join(out_dir, "results.json"), payload)
     plot_metric_vs_n(rows, methods, "w1", "w1_se", "W1 to held-out target samples (lower is better)",
@@ -230,14 +239,14 @@ def _write_outputs(out_dir: str, settings: Gaussian1DSettings, methods: Sequence
     fusion = [r for r in rows if r["method"] == "scorefusion"]
     lines = [
         f"# 1-D Gaussian mixtures ({settings.preset} run)", "",
-        f"Target {asdict(TARGET)}; auxiliaries {[asdict(a) for a in AUXILIARIES]} (auxiliary std and weights are our "
+        (f"Target {asdict(TARGET)}; auxiliaries {[asdict(a) for a in AUXILIARIES]} (auxiliary std and weights are our "
         "assumption: PAPER.md gives only their means). Score networks: MLPs (hidden "
         f"{settings.hidden_size}), DDPM epsilon loss, data divided by {DATA_SCALE}; auxiliaries: "
         f"{settings.auxiliary_training.steps} steps on fresh draws; scratch: {settings.scratch_training.steps} steps on "
         "the n samples; scorefusion: `fit_weights` on the same n samples, small timesteps only (sigma_t <= 0.1). "
         f"Metric: W1 between {settings.num_generated} generated samples (DDIM, {settings.sampling_steps} steps) and "
         f"{settings.num_test} held-out target samples, original units; ± is the standard error over "
-        f"{len(settings.seeds)} seeds.", "",
+        f"{len(settings.seeds)} seeds."), "",
         "## W1 (lower is better)", "", markdown_table(rows, methods, "w1", "w1_se", digits=3, best="min"), "",
         "## Fitted weights (mean over seeds)", "", "| n | λ (aux1, aux2) |", "| ---: | --- |",
         *[f"| {r['n']} | {r['weights'][0]:.3f}, {r['weights'][1]:.3f} |" for r in fusion], "",
