@@ -106,7 +106,8 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
         saved = json.load(handle)
     assert saved["experiment"] == "digits" and "bits/dim" in saved["units"].replace("bits per dimension", "bits/dim")
     methods = method_names(TINY)
-    assert {(row["n"], row["method"]) for row in saved["rows"]} == {(n, m) for n in saved["meta"]["n_values"] for m in methods}
+    expected = {(n, m) for n in saved["meta"]["n_values"] for m in methods}
+    assert {(row["n"], row["method"]) for row in saved["rows"]} == expected
     for row in saved["rows"]:
         assert {"n", "method", "nll_bpd", "nll_se", "proportion", "weights"} <= set(row)
         assert math.isfinite(row["nll_bpd"]) and row["nll_se"] >= 0 and 0 <= row["proportion"] <= 1

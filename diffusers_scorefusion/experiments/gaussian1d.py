@@ -230,7 +230,8 @@ def _write_outputs(out_dir: str, settings: Gaussian1DSettings, methods: Sequence
         axis.set_title(f"n = {n}", fontsize=8)
     axis = axes[0][-1]
     for a, generated in spectrum.items():
-        axis.hist(generated, bins=120, range=(-14, 16), density=True, histtype="step", label=f"λ=({1 - a:.2f}, {a:.2f})")
+        label = f"λ=({1 - a:.2f}, {a:.2f})"
+        axis.hist(generated, bins=120, range=(-14, 16), density=True, histtype="step", label=label)
     axis.set_title("λ-spectrum: aux1 → aux2 (same noise)", fontsize=8)
     for axis in axes[0]:
         axis.legend(fontsize=6)
@@ -242,7 +243,8 @@ def _write_outputs(out_dir: str, settings: Gaussian1DSettings, methods: Sequence
         (f"Target {asdict(TARGET)}; auxiliaries {[asdict(a) for a in AUXILIARIES]} (auxiliary std and weights are our "
         "assumption: PAPER.md gives only their means). Score networks: MLPs (hidden "
         f"{settings.hidden_size}), DDPM epsilon loss, data divided by {DATA_SCALE}; auxiliaries: "
-        f"{settings.auxiliary_training.steps} steps on fresh draws; scratch: {settings.scratch_training.steps} steps on "
+        f"{settings.auxiliary_training.steps} steps on fresh draws; scratch: {settings.scratch_training.steps} steps "
+        "on "
         "the n samples; scorefusion: `fit_weights` on the same n samples, small timesteps only (sigma_t <= 0.1). "
         f"Metric: W1 between {settings.num_generated} generated samples (DDIM, {settings.sampling_steps} steps) and "
         f"{settings.num_test} held-out target samples, original units; ± is the standard error over "

@@ -44,7 +44,7 @@ def timestep_at(log_sigma: float, table: torch.Tensor) -> float:
 def divergence(
     eps_model: EpsModel, sample: torch.Tensor, timestep: torch.Tensor, probe: Optional[torch.Tensor]
 ) -> tuple:
-    """``(eps_hat, div_x eps_hat)`` per sample: Hutchinson ``v^T J v`` with `probe` ``v``, or the exact trace if None."""
+    """``(eps_hat, div_x eps_hat)`` per sample: Hutchinson ``v^T J v`` with `probe` ``v``; the exact trace if None."""
     with torch.enable_grad():
         sample = sample.detach().requires_grad_(True)
         eps = eps_model(sample, timestep)
@@ -111,7 +111,7 @@ def ode_log_likelihood(
     alpha_end = 1.0 / math.sqrt(1.0 + math.exp(2 * s_end))
     x_end = (alpha_end * y).flatten(1)  # x_T, scored under N(0, I)
     prior = -0.5 * (x_end**2).sum(1) - 0.5 * dims * math.log(2 * math.pi)
-    # log p_x(x_0) = log p_y(y_0) - D log alpha_0  with  log p_y(y_0) = log p_y(y_T) + delta  and  p_y(y_T) = p_x(x_T) alpha_T^D
+    # log p_x(x_0) = log p_y(y_0) - D log alpha_0,  log p_y(y_0) = log p_y(y_T) + delta,  p_y(y_T) = p_x(x_T) alpha_T^D
     return prior + dims * math.log(alpha_end) + delta_logp - dims * math.log(alpha_start)
 
 

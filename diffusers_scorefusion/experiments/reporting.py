@@ -17,6 +17,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(staging, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(staging, path)
     except BaseException:
         if os.path.exists(staging):
