@@ -180,10 +180,12 @@ def test_conditioning_is_indexed_with_the_samples(problem):
     prompt_embeds = 3 * torch.randn(num_samples, 1, 1, generator=generator) + torch.zeros(num_samples, 7, 32)
     text_embeds = torch.randn(num_samples, 1, generator=generator) + torch.zeros(num_samples, 6)
     shift = (prompt_embeds.mean(dim=(1, 2)) + text_embeds.mean(dim=1)).reshape(-1, 1, 1, 1)
-    latents = barycenter_samples(means, TRUE_WEIGHTS, num_samples) + shift
+    cond_scales = [1.0, -1.0, 2.0]  # members react differently to the conditioning: a mismatch moves the fit
+    barycenter_scale = sum(w * s for w, s in zip(TRUE_WEIGHTS, cond_scales))
+    latents = barycenter_samples(means, TRUE_WEIGHTS, num_samples) + barycenter_scale * shift
     unet_kwargs = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": torch.zeros(1, 6)}}
     result = fit(
-        gaussian_fusion(means, scheduler),
+        gaussian_fusion(means, scheduler, cond_scales),
         scheduler,
         latents,
         encoder_hidden_states=prompt_embeds,
