@@ -323,24 +323,25 @@ def _finish(
     return result
 
 
-def encode_for_fitting(
+def encode_images(
     pipe: Any,
     images: Any,
     prompts: Union[str, Sequence[str]],
     height: Optional[int] = None,
     width: Optional[int] = None,
     batch_size: int = 8,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, List[str]]:
     r"""
-    Encodes target images and captions with a Stable Diffusion pipeline's VAE and text encoder.
+    VAE latents of target images and one caption per image, for fitting through a pipeline.
 
     Images (PIL images, numpy arrays or tensors in [0, 1], or tensors in [-1, 1]) go through the pipeline's
     `VaeImageProcessor`; latents are the mean of the VAE posterior (deterministic: the same images always give the
     same latents and data fingerprint), shifted by `vae.config.shift_factor` when set and times
-    `vae.config.scaling_factor`, in the UNet's dtype. Prompts are encoded without classifier-free guidance.
+    `vae.config.scaling_factor`, in the UNet's dtype. The VAE runs in float32 when `vae.config.force_upcast` (the SDXL
+    VAE overflows in float16).
 
     Returns:
-        `(latents, prompt_embeds)`: `(N, C, h, w)` and `(N, L, D)`.
+        `(latents, prompts)`: `(N, C, h, w)` and a list of N strings.
     """
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
@@ -357,18 +358,44 @@ def encode_for_fitting(
     if isinstance(prompts, str):
         prompts = [prompts] * num_images
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(prompt, str) for prompt in prompts):
-        raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r}")
+        raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.200}")
     if len(prompts) != num_images:
         raise ValueError(f"got {num_images} images but {len(prompts)} prompts; give one prompt per image or one string")
     if not torch.isfinite(pixels).all():
         raise ValueError("images contain NaN or inf")
     device, vae = pipe._execution_device, pipe.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    vae_dtype, shift = vae.dtype, getattr(vae.config, "shift_factor", None) or 0.0
+    upcast = getattr(vae.config, "force_upcast", False) and vae_dtype != torch.float32
     latents = []
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        with torch.no_grad():
+            for start in range(0, num_images, batch_size):
+                chunk = pixels[start : start + batch_size].to(device=device, dtype=vae.dtype)
+                latents.append((vae.encode(chunk).latent_dist.mean - shift) * vae.config.scaling_factor)
+    finally:
+        if upcast:
+            vae.to(vae_dtype)
+    return torch.cat(latents).to(pipe.unet.dtype), list(prompts)
+
+
+def encode_for_fitting(
+    pipe: Any,
+    images: Any,
+    prompts: Union[str, Sequence[str]],
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    batch_size: int = 8,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Encodes target images and captions with a Stable Diffusion pipeline's VAE and text encoder ([`encode_images`];
+    prompts without classifier-free guidance).
+
+    Returns:
+        `(latents, prompt_embeds)`: `(N, C, h, w)` and `(N, L, D)`.
+    """
+    latents, prompts = encode_images(pipe, images, prompts, height=height, width=width, batch_size=batch_size)
     with torch.no_grad():
-        for start in range(0, num_images, batch_size):
-            chunk = pixels[start : start + batch_size].to(device=device, dtype=vae.dtype)
-            mean = vae.encode(chunk).latent_dist.mean
-            latents.append((mean - shift) * vae.config.scaling_factor)
-        prompt_embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
-    return torch.cat(latents).to(pipe.unet.dtype), prompt_embeds.to(pipe.unet.dtype)
+        prompt_embeds, _ = pipe.encode_prompt(prompts, pipe._execution_device, 1, False)
+    return latents, prompt_embeds.to(pipe.unet.dtype)

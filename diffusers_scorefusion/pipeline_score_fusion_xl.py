@@ -9,7 +9,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers import CLIPVisionModelWithProjection
 
-from .fitting import FitResult, fit_weights
+from .fitting import FitResult, encode_images, fit_weights
 from .fusion_utils import WeightsLike
 from .loading_utils import MemberSpec
 from .modeling_fused_unet import FusedUNet, check_scheduler_matches
@@ -142,44 +142,20 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
             `(latents, prompt_embeds, added_cond_kwargs)`: `(N, C, h, w)`, `(N, L, D)` and
             `{"text_embeds": (N, D_pooled), "time_ids": (N, 6)}`.
         """
-        if isinstance(images, (list, tuple)) and len(images) == 0:
-            raise ValueError("images is empty: fitting needs at least one target image")
-        pixels = self.image_processor.preprocess(images, height=height, width=width)  # (N, 3, H, W) in [-1, 1]
-        num_images, (pixel_height, pixel_width) = pixels.shape[0], pixels.shape[-2:]
-        prompts = [prompts] * num_images if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(prompt, str) for prompt in prompts):
-            raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.200}")
-        if len(prompts) != num_images:
-            raise ValueError(
-                f"got {num_images} images but {len(prompts)} prompts; give one prompt per image or one string"
-            )
-        if not torch.isfinite(pixels).all():
-            raise ValueError("images contain NaN or inf")
-        device, vae = self._execution_device, self.vae
-        vae_dtype, shift = vae.dtype, getattr(vae.config, "shift_factor", None) or 0.0
-        upcast = vae.config.force_upcast and vae_dtype != torch.float32  # the SDXL VAE overflows in float16
-        latents = []
-        try:
-            if upcast:
-                vae.to(torch.float32)
-            for start in range(0, num_images, batch_size):
-                chunk = pixels[start : start + batch_size].to(device=device, dtype=vae.dtype)
-                latents.append((vae.encode(chunk).latent_dist.mean - shift) * vae.config.scaling_factor)
-        finally:
-            if upcast:
-                vae.to(vae_dtype)
+        latents, prompts = encode_images(self, images, prompts, height=height, width=width, batch_size=batch_size)
+        device = self._execution_device
         prompt_embeds, _, pooled_prompt_embeds, _ = self.encode_prompt(
-            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         projection_dim = (self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None
                           else int(pooled_prompt_embeds.shape[-1]))  # fmt: skip
-        size = (int(pixel_height), int(pixel_width))
+        size = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
         time_ids = self._get_add_time_ids(size, (0, 0), size, dtype=prompt_embeds.dtype,
                                           text_encoder_projection_dim=projection_dim)  # fmt: skip  # (1, 6)
         unet_dtype = self.unet.dtype
-        time_ids = time_ids.to(device=device, dtype=unet_dtype).repeat(num_images, 1)  # (N, 6)
+        time_ids = time_ids.to(device=device, dtype=unet_dtype).repeat(len(prompts), 1)  # (N, 6)
         added_cond_kwargs = {"text_embeds": pooled_prompt_embeds.to(unet_dtype), "time_ids": time_ids}
-        return torch.cat(latents).to(unet_dtype), prompt_embeds.to(unet_dtype), added_cond_kwargs
+        return latents, prompt_embeds.to(unet_dtype), added_cond_kwargs
 
     def fit_weights(
         self,
