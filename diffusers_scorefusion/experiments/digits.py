@@ -64,10 +64,10 @@ QUICK = DigitsSettings(
 )  # fmt: skip
 FULL = replace(
     QUICK, preset="full", n_values=(8, 16, 32, 64, ALL), seeds=(0, 1, 2, 3, 4), block_out_channels=(32, 64),
-    auxiliary_training=TrainingConfig(steps=4000, learning_rate=2e-3, batch_size=128, warmup_steps=100),
-    scratch_training=TrainingConfig(steps=2000, learning_rate=2e-3, batch_size=128, warmup_steps=100),
-    finetune_training=TrainingConfig(steps=400, learning_rate=3e-4, batch_size=128), nll_steps=16, num_generated=400,
-    sampling_steps=50,
+    auxiliary_training=TrainingConfig(steps=3000, learning_rate=2e-3, batch_size=128, warmup_steps=100),
+    scratch_training=TrainingConfig(steps=1500, learning_rate=2e-3, batch_size=64, warmup_steps=100),
+    finetune_training=TrainingConfig(steps=300, learning_rate=3e-4, batch_size=64), nll_steps=16, num_generated=256,
+    sampling_steps=30,
 )  # fmt: skip
 
 
@@ -164,6 +164,7 @@ def evaluate(model: torch.nn.Module, settings: DigitsSettings, test_pixels: Sequ
 def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str]) -> Dict[str, Any]:
     """Runs the experiment, writes report.md, results.json and figures to `out_dir`, and returns the results."""
     started = time.time()
+    cached_before = _cached_models(cache_dir)
     pixels, labels = digit_data.load_digit_pixels()
     split = digit_data.split_digits(labels, settings.digits, dict(settings.split_sizes), settings.split_seed)
     target_mix = (settings.target_proportion, 1 - settings.target_proportion)
@@ -233,6 +234,8 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
         split_sizes={name: {str(d): int(part[d].size) for d in settings.digits}
                      for name, part in split.indices.items()},
         wall_time_s=time.time() - started, settings=_settings_dict(settings),
+        models_trained=len(_cached_models(cache_dir) - cached_before) if cache_dir is not None
+        else len(settings.auxiliary_proportions) + 2 * len(settings.seeds) * len(n_values),
     )  # fmt: skip
     return write_digits_outputs(out_dir, settings, method_names(settings), records, meta, sample_images, spectrum,
                                 spectrum_labels)  # fmt: skip
@@ -261,13 +264,21 @@ def lambda_spectrum(auxiliaries: Sequence[torch.nn.Module], settings: DigitsSett
     return torch.stack(images, dim=1).numpy(), labels  # (num_noises, num_columns, 8, 8)
 
 
+def _cached_models(cache_dir: Optional[str]) -> set:
+    """Names of the finished models in the cache (staging folders start with a dot)."""
+    if cache_dir is None or not os.path.isdir(cache_dir):
+        return set()
+    return {name for name in os.listdir(cache_dir) if not name.startswith(".")}
+
+
 def _settings_dict(settings: DigitsSettings) -> Dict[str, Any]:
     return {key: asdict(value) if isinstance(value, TrainingConfig) else value for key, value in vars(settings).items()}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="the whole sweep: n = 8..all, 5 seeds, longer training")
+    parser.add_argument("--full", action="store_true",
+                        help="the whole sweep: n = 8..all, 5 seeds, bigger UNets, longer training (hours)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 quick, 0..4 full)")
     parser.add_argument("--n", nargs="+", default=None, help="target sizes, integers or 'all'")
     parser.add_argument("--out", default=os.path.join("results", "digits"), help="output folder")

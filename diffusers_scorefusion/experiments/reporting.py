@@ -141,7 +141,7 @@ def plot_image_panels(panels: Dict[str, np.ndarray], columns: int, title: str, p
         axis.imshow(image_grid(images, columns), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
         axis.set_title(name, fontsize=8)
         axis.axis("off")
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(title, fontsize=9, y=1.06)
     save_figure(figure, path)
 
 
