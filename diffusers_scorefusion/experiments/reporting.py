@@ -135,8 +135,7 @@ def plot_image_panels(panels: Dict[str, np.ndarray], columns: int, title: str, p
     """One image grid per named panel, side by side (grey levels 0..vmax, gaps white)."""
     plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.6), squeeze=False)
-    cmap = plt.get_cmap("gray_r").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("gray_r").with_extremes(bad="white")
     for axis, (name, images) in zip(axes[0], panels.items()):
         axis.imshow(image_grid(images, columns), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
         axis.set_title(name, fontsize=8)
