@@ -59,7 +59,7 @@ QUICK = DigitsSettings(
     preset="quick", n_values=(16, 64, ALL), seeds=(0, 1), block_out_channels=(16, 32),
     auxiliary_training=TrainingConfig(steps=400, learning_rate=3e-3, batch_size=128, warmup_steps=20),
     scratch_training=TrainingConfig(steps=300, learning_rate=3e-3, batch_size=64, warmup_steps=20),
-    finetune_training=TrainingConfig(steps=100, learning_rate=5e-4, batch_size=64), nll_steps=8, num_generated=128,
+    finetune_training=TrainingConfig(steps=100, learning_rate=5e-4, batch_size=64), nll_steps=16, num_generated=128,
     sampling_steps=20,
 )  # fmt: skip
 FULL = replace(
