@@ -119,7 +119,7 @@ def report_markdown(settings: Any, methods: Sequence[str], rows: List[Dict[str, 
         "| n | λ (aux1..aux4) |", "| ---: | --- |", weight_lines, "",
         "## Figures", "",
         *[f"![{name}]({name})" for name in figures], "",
-        f"Wall time of this run: {meta['wall_time_s']:.0f} s ({meta['models_trained']} models trained, the others "
-        "loaded from the cache).", "",
+        (f"Wall time of this run: {meta['wall_time_s']:.0f} s ({meta['models_trained']} models trained, the others "
+         "loaded from the cache)."), "",
     ]  # fmt: skip
     return "\n".join(lines)
