@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from diffusers_scorefusion.experiments.digits import main  # noqa: E402
+from diffusers_scorefusion.experiments.digits import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])
