@@ -88,7 +88,69 @@ def fusion_loading_kwargs(
     return kwargs
 
 
-class ScoreFusionPipeline(StableDiffusionPipeline):
+class ScoreFusionPipelineMixin:
+    r"""
+    What the ScoreFusion pipelines add to a Diffusers pipeline class whose `unet` is a [`FusedUNet`]: loading from a
+    base model plus member UNets, `fusion_weights=` per call, the scheduler check, atomic saves. Put it first in the
+    bases (`class P(ScoreFusionPipelineMixin, StableDiffusionPipeline)`).
+    """
+
+    # The base's text encoder class when members may bring their own (`None`: members share the pipeline's).
+    member_text_encoder_class: Optional[type] = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, os.PathLike],
+        unets: Optional[Sequence[MemberSpec]] = None,
+        weights: Optional[WeightsLike] = None,
+        **kwargs: Any,
+    ):
+        r"""
+        Loads a saved ScoreFusion pipeline, or builds one from a base model and fine-tuned UNets.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A saved ScoreFusion pipeline, or (with `unets`) a base model (local folder or Hub id) that provides
+                the VAE, text encoder(s), tokenizer(s) and scheduler.
+            unets (`list`, *optional*):
+                The members: modules, local folders or Hub ids of UNets or of whole pipelines (their `unet/` is
+                used, with their scheduler and, for Stable Diffusion 1/2, a text encoder that differs from the base's),
+                or dicts with `pretrained_model_name_or_path`, `subfolder`, `revision`, `variant`. Members without a
+                scheduler of their own get the base's noise schedule.
+            weights (`list[float]`, *optional*):
+                The fusion weights (uniform by default).
+            kwargs: passed to `DiffusionPipeline.from_pretrained`; `torch_dtype`, `cache_dir`, `token` and
+                `local_files_only` also apply to the members. Weights load from safetensors only unless
+                `allow_pickle=True`.
+        """
+        kwargs = fusion_loading_kwargs(pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
+        """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
+        save_atomically(super().save_pretrained, save_directory, **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any):
+        r"""
+        Generates images from the fused model; takes every argument of the parent pipeline's `__call__`.
+
+        Args:
+            fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
+                Weights for this call only, shape `(k,)` (or the stored `(num_bins, k)` table's shape); on the simplex.
+                Defaults to `unet.fusion_weights`.
+
+        Returns:
+            The parent pipeline's output (`StableDiffusionPipelineOutput` / `StableDiffusionXLPipelineOutput`), or a
+            tuple with `return_dict=False`.
+        """
+        check_scheduler_matches(self.unet, self.scheduler)
+        with self.unet.override_weights(fusion_weights):
+            return super().__call__(*args, **kwargs)
+
+
+class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
     r"""
     Text-to-image sampling from the KL barycenter ``p ∝ prod_i p_i^lambda_i`` of several Stable Diffusion UNets.
 
@@ -103,6 +165,8 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
         unet ([`FusedUNet`]): the fused members. The scheduler's `prediction_type` must match
             `unet.config.prediction_type`.
     """
+
+    member_text_encoder_class = CLIPTextModel
 
     def __init__(
         self,
@@ -127,33 +191,6 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
             safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )  # fmt: skip
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: Union[str, os.PathLike],
-        unets: Optional[Sequence[MemberSpec]] = None,
-        weights: Optional[WeightsLike] = None,
-        **kwargs: Any,
-    ) -> "ScoreFusionPipeline":
-        r"""
-        Loads a saved ScoreFusion pipeline, or builds one from a base model and fine-tuned UNets.
-
-        Args:
-            pretrained_model_name_or_path (`str` or `os.PathLike`):
-                A saved ScoreFusion pipeline, or (with `unets`) a base Stable Diffusion model (local folder or Hub id)
-                that provides the VAE, text encoder, tokenizer and scheduler.
-            unets (`list`, *optional*):
-                The members: modules, local folders or Hub ids of UNets or of whole pipelines (their `unet/` is
-                used), or dicts with `pretrained_model_name_or_path`, `subfolder`, `revision`, `variant`.
-            weights (`list[float]`, *optional*):
-                The fusion weights (uniform by default).
-            kwargs: passed to `DiffusionPipeline.from_pretrained`; `torch_dtype`, `cache_dir`, `token` and
-                `local_files_only` also apply to the members. Weights load from safetensors only unless
-                `allow_pickle=True`.
-        """
-        kwargs = fusion_loading_kwargs(pretrained_model_name_or_path, unets, weights, kwargs, CLIPTextModel)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def encode_prompt(
         self,
@@ -191,27 +228,6 @@ class ScoreFusionPipeline(StableDiffusionPipeline):
         positive = torch.cat([encoding[0] for encoding in encodings], dim=-1)
         negative = torch.cat([encoding[1] for encoding in encodings], dim=-1) if do_classifier_free_guidance else None
         return positive, negative
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
-        """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
-        save_atomically(super().save_pretrained, save_directory, **kwargs)
-
-    @torch.no_grad()
-    def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any):
-        r"""
-        Generates images from the fused model; takes every argument of `StableDiffusionPipeline.__call__`.
-
-        Args:
-            fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
-                Weights for this call only, shape `(k,)` (or the stored `(num_bins, k)` table's shape); on the simplex.
-                Defaults to `unet.fusion_weights`.
-
-        Returns:
-            [`~pipelines.stable_diffusion.StableDiffusionPipelineOutput`] or `tuple`, as `StableDiffusionPipeline`.
-        """
-        check_scheduler_matches(self.unet, self.scheduler)
-        with self.unet.override_weights(fusion_weights):
-            return super().__call__(*args, **kwargs)
 
     def fit_weights(
         self,

@@ -1,6 +1,5 @@
 """`ScoreFusionXLPipeline`: Stable Diffusion XL text-to-image sampling from the KL barycenter of several UNets."""
 
-import os
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,14 +9,11 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithPro
 from transformers import CLIPVisionModelWithProjection
 
 from .fitting import FitResult, encode_images, fit_weights
-from .fusion_utils import WeightsLike
-from .loading_utils import MemberSpec
 from .modeling_fused_unet import FusedUNet, check_scheduler_matches
-from .pipeline_score_fusion import fusion_loading_kwargs
-from .serialization import save_atomically
+from .pipeline_score_fusion import ScoreFusionPipelineMixin
 
 
-class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
+class ScoreFusionXLPipeline(ScoreFusionPipelineMixin, StableDiffusionXLPipeline):
     r"""
     Text-to-image sampling from the KL barycenter ``p ∝ prod_i p_i^lambda_i`` of several Stable Diffusion XL UNets.
 
@@ -70,55 +66,6 @@ class ScoreFusionXLPipeline(StableDiffusionXLPipeline):
             feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=add_watermarker,
         )  # fmt: skip
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: Union[str, os.PathLike],
-        unets: Optional[Sequence[MemberSpec]] = None,
-        weights: Optional[WeightsLike] = None,
-        **kwargs: Any,
-    ) -> "ScoreFusionXLPipeline":
-        r"""
-        Loads a saved ScoreFusion XL pipeline, or builds one from an SDXL base model and fine-tuned UNets.
-
-        Args:
-            pretrained_model_name_or_path (`str` or `os.PathLike`):
-                A saved ScoreFusion XL pipeline, or (with `unets`) an SDXL base model (local folder or Hub id) that
-                provides the VAE, both text encoders and tokenizers, and the scheduler.
-            unets (`list`, *optional*):
-                The members: modules, local folders or Hub ids of UNets or of whole pipelines (their `unet/` is
-                used), or dicts with `pretrained_model_name_or_path`, `subfolder`, `revision`, `variant`.
-            weights (`list[float]`, *optional*):
-                The fusion weights (uniform by default).
-            kwargs: passed to `DiffusionPipeline.from_pretrained`; `torch_dtype`, `cache_dir`, `token` and
-                `local_files_only` also apply to the members. Weights load from safetensors only unless
-                `allow_pickle=True`.
-        """
-        kwargs = fusion_loading_kwargs(pretrained_model_name_or_path, unets, weights, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
-        """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
-        save_atomically(super().save_pretrained, save_directory, **kwargs)
-
-    @torch.no_grad()
-    def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any):
-        r"""
-        Generates images from the fused model; takes every argument of `StableDiffusionXLPipeline.__call__`.
-
-        Args:
-            fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
-                Weights for this call only, shape `(k,)` (or the stored `(num_bins, k)` table's shape); on the simplex.
-                Defaults to `unet.fusion_weights`.
-
-        Returns:
-            [`~pipelines.stable_diffusion_xl.StableDiffusionXLPipelineOutput`] or `tuple`, as
-            `StableDiffusionXLPipeline`.
-        """
-        check_scheduler_matches(self.unet, self.scheduler)
-        with self.unet.override_weights(fusion_weights):
-            return super().__call__(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- fitting
     @torch.no_grad()
