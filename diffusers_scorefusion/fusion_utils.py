@@ -60,7 +60,8 @@ def timestep_bins(timesteps: torch.Tensor, bin_edges: torch.Tensor) -> torch.Ten
 
 
 def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(alpha_t, sigma_t)`` at (possibly fractional) timesteps; fractional ones interpolate log sigma like Euler."""
+    """``(alpha_t, sigma_t)`` at (possibly fractional) timesteps; fractional ones interpolate the VE log sigma linearly
+    between the neighbouring integer timesteps (the inverse of Euler's `_sigma_to_t`)."""
     alphas_cumprod = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)
     t = timesteps.to(torch.float64).clamp(0, alphas_cumprod.numel() - 1)
     log_sigma = 0.5 * (torch.log1p(-alphas_cumprod) - torch.log(alphas_cumprod))  # log sqrt((1 - a) / a)
