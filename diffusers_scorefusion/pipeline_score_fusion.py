@@ -45,7 +45,9 @@ def build_fused_unet(
             f"members {missing} come without a scheduler config while others have one: give every member as a "
             "pipeline folder (with scheduler/), or none, so their noise schedules can be compared"
         )
-    fused = FusedUNet(list(members), weights=weights, member_schedulers=member_schedulers, member_text_encoders=encoders)
+    fused = FusedUNet(
+        list(members), weights=weights, member_schedulers=member_schedulers, member_text_encoders=encoders
+    )
     fused.member_sources = [member_source(unet) for unet in unets]
     return fused
 
@@ -72,19 +74,25 @@ def fusion_loading_kwargs(
     if "unet" in kwargs:
         raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
     hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "token", "local_files_only", "revision") if key in kwargs}
-    member_kwargs = {key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs}
+    member_kwargs = {
+        key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs
+    }
     base_scheduler = None
     if "scheduler" not in kwargs:
-        base_scheduler = dict(DDPMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs))
+        base_scheduler = dict(
+            DDPMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs)
+        )
     if text_encoder_class is not None and "text_encoder" not in kwargs:
         dtype = {"dtype": kwargs["torch_dtype"]} if kwargs.get("torch_dtype") is not None else {}
         kwargs["text_encoder"] = text_encoder_class.from_pretrained(
             pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=None if allow_pickle else True,
             **hub_kwargs, **dtype,
         )  # fmt: skip
-    kwargs["unet"] = build_fused_unet(unets, weights, allow_pickle=allow_pickle, base_text_encoder=kwargs.get("text_encoder")
-                                      if text_encoder_class is not None else None, base_scheduler=base_scheduler,
-                                      **member_kwargs)  # fmt: skip
+    base_text_encoder = kwargs.get("text_encoder") if text_encoder_class is not None else None
+    kwargs["unet"] = build_fused_unet(
+        unets, weights, allow_pickle=allow_pickle, base_text_encoder=base_text_encoder, base_scheduler=base_scheduler,
+        **member_kwargs,
+    )
     return kwargs
 
 
@@ -124,7 +132,9 @@ class ScoreFusionPipelineMixin:
                 `local_files_only` also apply to the members. Weights load from safetensors only unless
                 `allow_pickle=True`.
         """
-        kwargs = fusion_loading_kwargs(pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class)
+        kwargs = fusion_loading_kwargs(
+            pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class
+        )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
@@ -148,6 +158,35 @@ class ScoreFusionPipelineMixin:
         check_scheduler_matches(self.unet, self.scheduler)
         with self.unet.override_weights(fusion_weights):
             return super().__call__(*args, **kwargs)
+
+    def fit_weights(
+        self,
+        images: Any,
+        prompts: Union[str, Sequence[str]],
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        **options: Any,
+    ) -> FitResult:
+        r"""
+        Fits the fusion weights to target images and their captions, and sets them on `self.unet` (see [`fit_weights`]).
+
+        Args:
+            images (PIL images, numpy arrays or tensors): the target images, all of one size; pixel values in [0, 1]
+                (tensors in [-1, 1] are also accepted), as for `VaeImageProcessor.preprocess`.
+            prompts (`str` or `list[str]`): one caption per image, or one for all.
+            height, width (`int`, *optional*): resize to this size first (default: the images' size).
+            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...).
+
+        Latents are the VAE posterior means (shifted and scaled as the VAE config says); prompts are encoded without
+        classifier-free guidance, as the pipeline's `encode_for_fitting` does. The noise schedule is `self.scheduler`'s.
+        """
+        latents, prompt_embeds, unet_kwargs = self._fitting_inputs(images, prompts, height, width)
+        if unet_kwargs is not None and "unet_kwargs" in options:
+            raise ValueError(
+                "unet_kwargs are computed from the images and prompts here; call fitting.fit_weights to pass your own"
+            )
+        options.setdefault("unet_kwargs", unet_kwargs)
+        return fit_weights(self.unet, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **options)
 
 
 class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
@@ -211,8 +250,10 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
         by each member encoder are concatenated along the last dimension; `FusedUNet` hands each member its block.
         """
         args = (device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt)
-        base = super().encode_prompt(prompt, *args, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                     lora_scale=lora_scale, clip_skip=clip_skip)  # fmt: skip
+        base = super().encode_prompt(
+            prompt, *args, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale, clip_skip=clip_skip,
+        )  # fmt: skip
         if self.unet.num_encoder_slots == 1:
             return base
         if prompt is None or prompt_embeds is not None or negative_prompt_embeds is not None:
@@ -221,7 +262,9 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
         pipeline_encoder = self.text_encoder
         try:
             for encoder in self.unet.text_encoders:
-                object.__setattr__(self, "text_encoder", encoder)  # this call only; the registered component is unchanged
+                object.__setattr__(
+                    self, "text_encoder", encoder
+                )  # this call only; the registered component is unchanged
                 encodings.append(super().encode_prompt(prompt, *args, lora_scale=lora_scale, clip_skip=clip_skip))
         finally:
             object.__setattr__(self, "text_encoder", pipeline_encoder)
@@ -229,26 +272,9 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
         negative = torch.cat([encoding[1] for encoding in encodings], dim=-1) if do_classifier_free_guidance else None
         return positive, negative
 
-    def fit_weights(
-        self,
-        images: Any,
-        prompts: Union[str, Sequence[str]],
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        **options: Any,
-    ) -> FitResult:
-        r"""
-        Fits the fusion weights to target images and their captions, and sets them on `self.unet` (see [`fit_weights`]).
-
-        Args:
-            images (PIL images, numpy arrays or tensors): the target images, all of one size; pixel values in [0, 1]
-                (tensors in [-1, 1] are also accepted), as for `VaeImageProcessor.preprocess`.
-            prompts (`str` or `list[str]`): one caption per image, or one for all.
-            height, width (`int`, *optional*): resize to this size first (default: the images' size).
-            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...).
-
-        Latents are the VAE posterior means times `vae.config.scaling_factor`; prompts are encoded without
-        classifier-free guidance. The noise schedule is `self.scheduler`'s.
-        """
+    def _fitting_inputs(
+        self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int]
+    ):
+        """`(latents, prompt_embeds, unet_kwargs)` for [`fit_weights`]: [`encode_for_fitting`], no extra UNet inputs."""
         latents, prompt_embeds = encode_for_fitting(self, images, prompts, height=height, width=width)
-        return fit_weights(self.unet, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **options)
+        return latents, prompt_embeds, None

@@ -8,7 +8,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers import CLIPVisionModelWithProjection
 
-from .fitting import FitResult, encode_images, fit_weights
+from .fitting import encode_images
 from .modeling_fused_unet import FusedUNet, check_scheduler_matches
 from .pipeline_score_fusion import ScoreFusionPipelineMixin
 
@@ -104,30 +104,9 @@ class ScoreFusionXLPipeline(ScoreFusionPipelineMixin, StableDiffusionXLPipeline)
         added_cond_kwargs = {"text_embeds": pooled_prompt_embeds.to(unet_dtype), "time_ids": time_ids}
         return latents, prompt_embeds.to(unet_dtype), added_cond_kwargs
 
-    def fit_weights(
-        self,
-        images: Any,
-        prompts: Union[str, Sequence[str]],
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        **options: Any,
-    ) -> FitResult:
-        r"""
-        Fits the fusion weights to target images and their captions, and sets them on `self.unet` (see [`fit_weights`]).
-
-        Args:
-            images (PIL images, numpy arrays or tensors): the target images, all of one size; pixel values in [0, 1]
-                (tensors in [-1, 1] are also accepted), as for `VaeImageProcessor.preprocess`.
-            prompts (`str` or `list[str]`): one caption per image, or one for all.
-            height, width (`int`, *optional*): resize to this size first (default: the images' size).
-            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...).
-
-        Inputs are encoded by [`~ScoreFusionXLPipeline.encode_for_fitting`]; the noise schedule is `self.scheduler`'s.
-        """
-        if "unet_kwargs" in options:
-            raise ValueError(
-                "unet_kwargs are computed from the images and prompts here; call fitting.fit_weights to pass your own"
-            )
+    def _fitting_inputs(
+        self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int]
+    ):
+        """`(latents, prompt_embeds, unet_kwargs)` for [`fit_weights`], from [`encode_for_fitting`]."""
         latents, prompt_embeds, added_cond_kwargs = self.encode_for_fitting(images, prompts, height=height, width=width)
-        return fit_weights(self.unet, self.scheduler, latents, encoder_hidden_states=prompt_embeds,
-                           unet_kwargs={"added_cond_kwargs": added_cond_kwargs}, **options)  # fmt: skip
+        return latents, prompt_embeds, {"added_cond_kwargs": added_cond_kwargs}

@@ -25,6 +25,13 @@ def write_images(folder, names, size=32):
         PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / name)
 
 
+def fit_argv(model_folders, data, out, *extra):
+    """`scorefusion fit` arguments: the tiny base, members a and b, 2 noise draws, no progress bars."""
+    members = ["--unet", str(model_folders / "member_a"), "--unet", str(model_folders / "member_b")]
+    return ["fit", "--base", str(model_folders / "base"), *members, "--data", str(data), "--out", str(out),
+            "--num-noise-draws", "2", "--no-progress", *extra]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -50,28 +57,7 @@ def test_fit_then_sample_from_the_shell(model_folders, tmp_path, capsys):
     for stem, caption in (("one", "a red cat"), ("two", "a blue dog"), ("three", "a green bird")):
         (data / f"{stem}.txt").write_text(caption)
     out = tmp_path / "fusion"
-    status = main(
-        [
-            "fit",
-            "--base",
-            str(model_folders / "base"),
-            "--unet",
-            str(model_folders / "member_a"),
-            "--unet",
-            str(model_folders / "member_b"),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--num-noise-draws",
-            "2",
-            "--num-bootstrap",
-            "10",
-            "--seed",
-            "3",
-            "--no-progress",
-        ]
-    )
+    status = main(fit_argv(model_folders, data, out, "--num-bootstrap", "10", "--seed", "3"))
     assert status == 0
     assert "weights:" in capsys.readouterr().out
     pipe = ScoreFusionPipeline.from_pretrained(str(out))
@@ -156,29 +142,7 @@ def test_fitted_weights_are_reproducible_from_the_same_folder(model_folders, tmp
     outs = []
     for name in ("first", "second"):
         out = tmp_path / name
-        assert (
-            main(
-                [
-                    "fit",
-                    "--base",
-                    str(model_folders / "base"),
-                    "--unet",
-                    str(model_folders / "member_a"),
-                    "--unet",
-                    str(model_folders / "member_b"),
-                    "--data",
-                    str(data),
-                    "--out",
-                    str(out),
-                    "--num-noise-draws",
-                    "2",
-                    "--num-bootstrap",
-                    "0",
-                    "--no-progress",
-                ]
-            )
-            == 0
-        )
+        assert main(fit_argv(model_folders, data, out, "--num-bootstrap", "0")) == 0
         outs.append(ScoreFusionPipeline.from_pretrained(str(out)).unet)
     assert torch.equal(outs[0].fusion_weights, outs[1].fusion_weights)
     first, second = (unet.config.weights_provenance for unet in outs)
