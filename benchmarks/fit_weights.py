@@ -24,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffusers_scorefusion import FusedUNet, fit_weights
-from diffusers_scorefusion.fusion_utils import quadratic_loss
+from diffusers_scorefusion.fusion.fusion_utils import quadratic_loss
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 AUXILIARY_PROPORTIONS = ((0.1, 0.9), (0.5, 0.5), (0.9, 0.1))

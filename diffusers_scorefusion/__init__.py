@@ -2,12 +2,13 @@
 
 from diffusers.models.modeling_utils import ModelMixin  # Diffusers looks this name up in a component's module
 
+from . import modeling_fused_unet  # noqa: F401  (the 0.1 on-disk path of FusedUNet; Diffusers resolves it in sys.modules)
 from .fitting import FitResult, fit_weights
-from .fusion_utils import check_weights, combine_predictions, convert_prediction, solve_simplex_qp
-from .modeling_fused_unet import FusedUNet
-from .modeling_lora_member import LoraMember
-from .pipeline_score_fusion import ScoreFusionPipeline
-from .pipeline_score_fusion_xl import ScoreFusionXLPipeline
+from .fusion.fusion_utils import check_weights, combine_predictions, convert_prediction, solve_simplex_qp
+from .models.modeling_fused_unet import FusedUNet
+from .models.modeling_lora_member import LoraMember
+from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
+from .pipelines.pipeline_score_fusion_xl import ScoreFusionXLPipeline
 
 __version__ = "0.1.0"
 

@@ -131,7 +131,7 @@ def _dtype_kwargs(dtype: str) -> dict:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from .pipeline_score_fusion import ScoreFusionPipeline
+    from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 
     images, prompts, names = read_image_folder(args.data)
     print(f"{len(images)} target images from {args.data}", file=sys.stderr)
@@ -168,7 +168,7 @@ def _save_png(image: PIL.Image.Image, path: str) -> None:
 def _sample(args: argparse.Namespace) -> None:
     from diffusers.utils import make_image_grid
 
-    from .pipeline_score_fusion import ScoreFusionPipeline
+    from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")

@@ -23,8 +23,8 @@ from .fitting_utils import (
     resolve_timestep_range,
     shared_seed,
 )
-from .fusion_utils import quadratic_loss, solve_simplex_qp
-from .modeling_fused_unet import FusedUNet, check_scheduler_matches
+from .fusion.fusion_utils import quadratic_loss, solve_simplex_qp
+from .models.modeling_fused_unet import FusedUNet, check_scheduler_matches
 
 METHODS = ("exact", "sgd")
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .fusion_utils import (
+from .fusion.fusion_utils import (
     LOSS_WEIGHTINGS,
     alpha_sigma,
     denoising_target,

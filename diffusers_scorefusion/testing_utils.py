@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .modeling_fused_unet import FusedUNet
+from .models.modeling_fused_unet import FusedUNet
 
 
 def get_dummy_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:

@@ -6,7 +6,7 @@ import torch
 from diffusers_scorefusion.experiments.data import dequantize, quantize
 from diffusers_scorefusion.experiments.likelihood import bits_per_dim, log_sigma_table, ode_log_likelihood, timestep_at
 from diffusers_scorefusion.experiments.training import make_noise_scheduler
-from diffusers_scorefusion.fusion_utils import alpha_sigma
+from diffusers_scorefusion.fusion.fusion_utils import alpha_sigma
 
 ALPHAS_CUMPROD = make_noise_scheduler().alphas_cumprod
 

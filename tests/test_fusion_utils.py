@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from diffusers_scorefusion.fusion_utils import (
+from diffusers_scorefusion.fusion.fusion_utils import (
     PREDICTION_TYPES,
     alpha_sigma,
     check_bin_edges,

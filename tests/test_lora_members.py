@@ -8,7 +8,7 @@ import torch
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers_scorefusion import FusedUNet, LoraMember, ScoreFusionXLPipeline
-from diffusers_scorefusion.modeling_lora_member import save_base_unet
+from diffusers_scorefusion.models.modeling_lora_member import save_base_unet
 from diffusers_scorefusion.testing_utils import get_dummy_unet, get_dummy_xl_components, get_dummy_xl_unet
 
 peft = pytest.importorskip("peft")

@@ -8,7 +8,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
-from diffusers_scorefusion.offload_utils import places_own_inputs, to_device
+from diffusers_scorefusion.fusion.offload_utils import places_own_inputs, to_device
 from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
 
 CPU = torch.device("cpu")

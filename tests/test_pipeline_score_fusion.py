@@ -19,7 +19,7 @@ from diffusers.models.attention_processor import Attention, SlicedAttnProcessor
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
-from diffusers_scorefusion.pipeline_score_fusion import build_fused_unet
+from diffusers_scorefusion.pipelines.pipeline_score_fusion import build_fused_unet
 from diffusers_scorefusion.testing_utils import (
     get_dummy_scheduler,
     get_dummy_text_encoder,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -92,10 +93,14 @@ def test_pipeline_round_trip_through_both_loaders(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["unet"] == ["diffusers_scorefusion.modeling_fused_unet", "FusedUNet"]
+    assert index["unet"] == ["diffusers_scorefusion.models.modeling_fused_unet", "FusedUNet"]
     expected = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
-    for loader in (ScoreFusionPipeline, DiffusionPipeline):
-        loaded = loader.from_pretrained(tmp_path / "pipe")
+    # a pipeline saved by 0.1 names the module path FusedUNet had then; it must keep loading
+    shutil.copytree(tmp_path / "pipe", tmp_path / "pipe_v01", dirs_exist_ok=True)
+    old_index = {**index, "unet": ["diffusers_scorefusion.modeling_fused_unet", "FusedUNet"]}
+    (tmp_path / "pipe_v01" / "model_index.json").write_text(json.dumps(old_index))
+    for loader, folder in ((ScoreFusionPipeline, "pipe"), (DiffusionPipeline, "pipe"), (DiffusionPipeline, "pipe_v01")):
+        loaded = loader.from_pretrained(tmp_path / folder)
         assert type(loaded) is ScoreFusionPipeline
         loaded.set_progress_bar_config(disable=True)
         images = loaded("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images

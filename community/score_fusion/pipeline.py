@@ -8,4 +8,4 @@ Publish this file as `pipeline.py` in a Hub repo to load it with `custom_pipelin
 installed package: Diffusers needs exactly one pipeline class defined outside `diffusers` in this file.
 """
 
-from diffusers_scorefusion.pipeline_score_fusion import ScoreFusionPipeline  # noqa: F401
+from diffusers_scorefusion.pipelines.pipeline_score_fusion import ScoreFusionPipeline  # noqa: F401

@@ -23,7 +23,7 @@ from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
 from ..fitting import fit_weights
-from ..modeling_fused_unet import FusedUNet
+from ..models.modeling_fused_unet import FusedUNet
 from . import data as digit_data
 from .digits_report import write_digits_outputs
 from .likelihood import bits_per_dim, ode_log_likelihood

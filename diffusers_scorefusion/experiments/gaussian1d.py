@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fitting import fit_weights
-from ..modeling_fused_unet import FusedUNet
+from ..models.modeling_fused_unet import FusedUNet
 from .reporting import (
     atomic_write_bytes,
     markdown_table,

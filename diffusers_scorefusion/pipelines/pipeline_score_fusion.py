@@ -9,11 +9,11 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from .fitting import FitResult, encode_for_fitting, fit_weights
-from .fusion_utils import WeightsLike
-from .loading_utils import MemberSpec, load_member, load_member_text_encoder, member_source
-from .modeling_fused_unet import FusedUNet, check_scheduler_matches
-from .serialization import save_atomically
+from ..fitting import FitResult, encode_for_fitting, fit_weights
+from ..fusion.fusion_utils import WeightsLike
+from ..loaders.loading_utils import MemberSpec, load_member, load_member_text_encoder, member_source
+from ..models.modeling_fused_unet import FusedUNet, check_scheduler_matches
+from ..loaders.serialization import save_atomically
 
 
 def build_fused_unet(

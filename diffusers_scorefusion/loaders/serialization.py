@@ -18,9 +18,9 @@ import transformers
 from torch import nn
 
 from .loading_utils import TEXT_ENCODER_CLASSES, load_member, load_member_text_encoder
-from .member_utils import INTERFACE_KEYS
-from .modeling_fused_unet import FusedUNet
-from .modeling_lora_member import LoraMember, load_lora_members, save_base_unet
+from ..fusion.member_utils import INTERFACE_KEYS
+from ..models.modeling_fused_unet import FusedUNet
+from ..models.modeling_lora_member import LoraMember, load_lora_members, save_base_unet
 
 CONFIG_NAME = "config.json"
 MEMBER_FOLDER = "member_{}"

@@ -8,8 +8,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers import CLIPVisionModelWithProjection
 
-from .fitting import encode_images
-from .modeling_fused_unet import FusedUNet, check_scheduler_matches
+from ..fitting import encode_images
+from ..models.modeling_fused_unet import FusedUNet, check_scheduler_matches
 from .pipeline_score_fusion import ScoreFusionPipelineMixin
 
 

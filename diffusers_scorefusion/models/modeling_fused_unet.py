@@ -1,0 +1,481 @@
+"""`FusedUNet`: several denoisers behind one UNet interface, combined as ``sum_i lambda_i eps_i``.
+
+This module's path is part of the on-disk format: Diffusers records it in a saved pipeline's
+``model_index.json``. Keep the class here.
+"""
+
+import contextlib
+import os
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from ..fusion.fusion_utils import (
+    PREDICTION_TYPES,
+    WeightsLike,
+    alpha_sigma,
+    check_bin_edges,
+    check_weights,
+    combine_predictions,
+    convert_prediction,
+    timestep_bins,
+)
+from ..fusion.member_utils import (
+    NOISE_SCHEDULE_KEYS,
+    check_member_schedules,
+    check_members,
+    copy_containers,
+    noise_schedule_of,
+    resolve_member_prediction_types,
+    text_encoder_slots,
+)
+from ..fusion.offload_utils import enable_group_offload_per_member, run_on_member_device
+
+def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
+    """Refuses a scheduler whose prediction type or noise schedule differs from the FusedUNet's."""
+    if not isinstance(unet, FusedUNet) or scheduler is None:
+        return
+    expected = unet.config.prediction_type
+    actual = scheduler.config.get("prediction_type", "epsilon")
+    if actual != expected:
+        raise ValueError(
+            f"the scheduler's prediction_type is {actual!r} but the FusedUNet outputs {expected!r}; use "
+            f"`Scheduler.from_config(scheduler.config, prediction_type={expected!r})`"
+        )
+    if unet.config.noise_schedule is not None:
+        schedule = noise_schedule_of(scheduler)
+        differing = [f"{key}={schedule[key]!r} vs {unet.config.noise_schedule[key]!r}" for key in NOISE_SCHEDULE_KEYS
+                     if schedule[key] != unet.config.noise_schedule[key]]  # fmt: skip
+        if differing:
+            raise ValueError(f"the scheduler's noise schedule differs from the members' (scheduler vs members): {differing}")
+
+
+
+class FusedUNet(ModelMixin, ConfigMixin):
+    r"""
+    Several UNets that share one noise schedule, combined into the KL-barycenter denoiser of ScoreFusion.
+
+    The output is ``sum_i weights[i] * output_i`` (Liu et al., AISTATS 2025): the noise prediction of the
+    barycenter ``p ∝ prod_i p_i^lambda_i``. It is a drop-in `unet` for Diffusers pipelines and schedulers.
+
+    Args:
+        unets (`list[torch.nn.Module]`):
+            The k >= 1 members: `UNet2DConditionModel`, `UNet2DModel`, or any module with the Diffusers UNet calling
+            convention and a `config` holding at least `in_channels`, `out_channels` and `sample_size`.
+        weights (`list[float]` or `list[list[float]]`, *optional*):
+            The fusion weights, on the simplex: shape `(k,)`, or `(num_bins, k)` with `timestep_bin_edges` for weights
+            that depend on the noise level. Defaults to uniform.
+        timestep_bin_edges (`list[float]`, *optional*):
+            `num_bins + 1` increasing timesteps; row `i` of `weights` applies to `edges[i] <= t < edges[i + 1]`.
+        prediction_type (`str`, *optional*):
+            What the fused model outputs (`"epsilon"`, `"v_prediction"` or `"sample"`). Defaults to the members' type
+            when they all share one.
+        member_prediction_types (`list[str]`, *optional*):
+            What each member predicts. Defaults to the members' schedulers' `prediction_type`, else `"epsilon"`.
+        member_schedulers (`list[SchedulerMixin | dict]`, *optional*):
+            Each member's training scheduler (or its config). Their noise schedules must agree; the schedule is
+            needed to convert between prediction types.
+        member_text_encoders (`list[torch.nn.Module | None]`, *optional*):
+            A member's own text encoder (e.g. a DreamBooth fine-tune that trained it), or `None` for members that use
+            the pipeline's. `ScoreFusionPipeline` then encodes the prompt once per distinct encoder and each member
+            receives its own encoding; members sharing an encoder share one encoding.
+    """
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = False
+
+    def __init__(
+        self,
+        unets: Sequence[nn.Module],
+        weights: Optional[WeightsLike] = None,
+        timestep_bin_edges: Optional[Sequence[float]] = None,
+        prediction_type: Optional[str] = None,
+        member_prediction_types: Optional[Sequence[str]] = None,
+        member_schedulers: Optional[Sequence[Union[ConfigMixin, Dict[str, Any]]]] = None,
+        member_text_encoders: Optional[Sequence[Optional[nn.Module]]] = None,
+    ):
+        super().__init__()
+        if isinstance(unets, nn.Module) and not isinstance(unets, nn.ModuleList):
+            raise TypeError(f"unets must be a list of modules, got a single {type(unets).__name__}")
+        unets = list(unets)
+        if len(unets) == 0:
+            raise ValueError("unets must hold at least one member, got an empty list")
+        interface = check_members(unets)
+        num_members = len(unets)
+        noise_schedule = check_member_schedules(member_schedulers, num_members)
+        member_prediction_types = resolve_member_prediction_types(member_prediction_types, member_schedulers, num_members)
+        if prediction_type is None:
+            if len(set(member_prediction_types)) > 1:
+                raise ValueError(
+                    f"members predict {member_prediction_types}: pass prediction_type= to choose what FusedUNet outputs"
+                )
+            prediction_type = member_prediction_types[0]
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if noise_schedule is None and any(t != prediction_type for t in member_prediction_types):
+            raise ValueError(
+                f"members predict {member_prediction_types} and FusedUNet outputs {prediction_type!r}: pass "
+                "member_schedulers= (the members' training schedulers) so outputs can be converted exactly"
+            )
+        self.unets = nn.ModuleList(unets)
+        encoder_slots = text_encoder_slots(member_text_encoders, num_members)
+        self.text_encoders = nn.ModuleList(encoder_slots[1])
+        self.member_sources: List[Optional[Dict[str, Any]]] = [None] * num_members
+        self._alphas_cumprod = None
+        if noise_schedule is not None:
+            self._alphas_cumprod = DDPMScheduler.from_config(noise_schedule).alphas_cumprod.to(torch.float64)
+        self.register_to_config(
+            **interface,
+            num_members=num_members,
+            prediction_type=prediction_type,
+            member_prediction_types=list(member_prediction_types),
+            noise_schedule=noise_schedule,
+            member_encoder_slots=encoder_slots[0],
+        )
+        self._weights_override = None
+        self.set_weights([1.0 / num_members] * num_members if weights is None else weights, timestep_bin_edges)
+
+    @property
+    def num_encoder_slots(self) -> int:
+        """How many prompt encodings the fusion needs: the pipeline's encoder plus each distinct member encoder."""
+        return 1 + len(self.text_encoders)
+
+    def _member_hidden_states(self, index: int, encoder_hidden_states: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Member `index`'s slice of the encodings, concatenated along the last dim (one block per encoder slot)."""
+        slots = self.config.member_encoder_slots
+        if slots is None or encoder_hidden_states is None:
+            return encoder_hidden_states
+        width = self.config.cross_attention_dim
+        if encoder_hidden_states.shape[-1] != width * self.num_encoder_slots:
+            raise ValueError(
+                f"members have their own text encoders: encoder_hidden_states must concatenate "
+                f"{self.num_encoder_slots} encodings of width {width} (last dim {width * self.num_encoder_slots}), got "
+                f"shape {tuple(encoder_hidden_states.shape)}; use ScoreFusionPipeline, whose encode_prompt does this"
+            )
+        slot = slots[index]
+        return encoder_hidden_states[..., slot * width : (slot + 1) * width]
+
+    # ----------------------------------------------------------------------------------------------- weights
+    def set_weights(
+        self,
+        weights: WeightsLike,
+        timestep_bin_edges: Optional[Sequence[float]] = None,
+        provenance: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        """Sets the fusion weights: `(k,)`, or a `(num_bins, k)` table with `timestep_bin_edges`.
+
+        `provenance` (JSON-serialisable: how the weights were obtained) is stored in the config beside them and
+        saved wherever the fusion is saved; setting weights without it clears the previous provenance.
+        """
+        table = check_weights(weights, self.config.num_members)
+        edges = None
+        if timestep_bin_edges is not None:
+            edges = check_bin_edges(timestep_bin_edges, table.shape[0]).tolist()
+        elif table.shape[0] > 1:
+            raise ValueError(f"weights with {table.shape[0]} rows need timestep_bin_edges ({table.shape[0] + 1} numbers)")
+        stored = table[0].tolist() if torch.as_tensor(weights).ndim == 1 else table.tolist()
+        if provenance is not None and not isinstance(provenance, dict):
+            raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
+        self.register_to_config(weights=stored, timestep_bin_edges=edges, weights_provenance=provenance)
+        self._weights_table = table
+
+    @property
+    def fusion_weights(self) -> torch.Tensor:
+        """The weights in use: `(k,)`, or `(num_bins, k)` for noise-level-dependent weights (float64, CPU)."""
+        table = self._weights_override if self._weights_override is not None else self._weights_table
+        return table[0] if self.config.timestep_bin_edges is None else table
+
+    @contextlib.contextmanager
+    def override_weights(self, weights: Optional[WeightsLike]) -> Iterator[None]:
+        """Uses `weights` (shape `(k,)` or the stored table's shape) inside the `with` block; `None` changes nothing."""
+        if weights is None:
+            yield
+            return
+        table = check_weights(weights, self.config.num_members, name="fusion_weights")
+        num_bins = self._weights_table.shape[0]
+        if table.shape[0] == 1 and num_bins > 1:
+            table = table.expand(num_bins, -1)
+        elif table.shape[0] != num_bins:
+            raise ValueError(f"fusion_weights must have shape (k,) or ({num_bins}, k), got {tuple(table.shape)}")
+        previous, self._weights_override = self._weights_override, table
+        try:
+            yield
+        finally:
+            self._weights_override = previous
+
+    def _step_weights(self, timestep: Union[torch.Tensor, float, int], batch_size: int) -> torch.Tensor:
+        """Weights for this call: `(k,)` when every sample shares a row, else `(B, k)`."""
+        table = self._weights_override if self._weights_override is not None else self._weights_table
+        if table.shape[0] == 1:
+            return table[0]
+        timesteps = torch.as_tensor(timestep).detach().cpu().flatten()
+        rows = timestep_bins(timesteps, torch.tensor(self.config.timestep_bin_edges, dtype=torch.float64))
+        if rows.numel() == 1 or (rows == rows[0]).all():
+            return table[rows[0]]
+        if rows.numel() != batch_size:
+            raise ValueError(f"timestep must be a scalar or have {batch_size} entries, got shape {tuple(timesteps.shape)}")
+        return table[rows]  # (B, k)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _convert(self, model_output: torch.Tensor, sample: torch.Tensor, timestep, member_type: str) -> torch.Tensor:
+        if member_type == self.config.prediction_type:
+            return model_output
+        timesteps = torch.as_tensor(timestep, device=sample.device).flatten().expand(sample.shape[0])
+        alpha_t, sigma_t = alpha_sigma(self._alphas_cumprod, timesteps)
+        return convert_prediction(model_output, sample, alpha_t, sigma_t, member_type, self.config.prediction_type)
+
+    def member_output(
+        self, index: int, sample: torch.Tensor, timestep, return_dict: bool = False, **kwargs: Any
+    ) -> Any:
+        """Runs member `index` (no fusion, no conversion); `None`-valued keyword arguments are not passed.
+
+        A member whose weights sit on another device (and that has no offloading hooks moving its inputs) gets its
+        inputs moved there; its output comes back on `sample.device`.
+        """
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = self._member_hidden_states(index, kwargs["encoder_hidden_states"])
+        kwargs = copy_containers({key: value for key, value in kwargs.items() if value is not None})
+        return run_on_member_device(self.unets[index], sample, timestep, return_dict=return_dict, **kwargs)
+
+    def member_outputs(
+        self, sample: torch.Tensor, timestep, members: Optional[Sequence[int]] = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Each member's prediction converted to `config.prediction_type`, stacked: `(len(members), B, C, H, W)`."""
+        members = range(self.config.num_members) if members is None else members
+        outputs = [
+            self._convert(self.member_output(i, sample, timestep, **kwargs)[0], sample, timestep,
+                          self.config.member_prediction_types[i])
+            for i in members
+        ]  # fmt: skip
+        return torch.stack(outputs)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Union[torch.Tensor, float, int],
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        class_labels: Optional[torch.Tensor] = None,
+        timestep_cond: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+        down_block_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+        mid_block_additional_residual: Optional[torch.Tensor] = None,
+        down_intrablock_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Union[BaseOutput, tuple]:
+        r"""
+        The fused prediction ``sum_i lambda_i output_i``; members with weight 0 at this timestep are not run.
+
+        Takes the arguments of `UNet2DConditionModel.forward`; every argument that is not `None` reaches every member.
+        Returns the members' output class (e.g. `UNet2DConditionOutput`) or, with `return_dict=False`, a tuple.
+        """
+        member_kwargs = dict(
+            encoder_hidden_states=encoder_hidden_states, class_labels=class_labels, timestep_cond=timestep_cond,
+            attention_mask=attention_mask, cross_attention_kwargs=cross_attention_kwargs,
+            added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+            down_intrablock_additional_residuals=down_intrablock_additional_residuals,
+            encoder_attention_mask=encoder_attention_mask, **kwargs,
+        )  # fmt: skip
+        weights = self._step_weights(timestep, sample.shape[0])  # (k,) or (B, k)
+        active = (weights != 0) if weights.ndim == 1 else (weights != 0).any(0)
+        first_output, predictions = None, []
+        for i in active.nonzero().flatten().tolist():
+            output = self.member_output(i, sample, timestep, return_dict=return_dict, **member_kwargs)
+            first_output = output if first_output is None else first_output
+            member_type = self.config.member_prediction_types[i]
+            predictions.append(self._convert(output[0], sample, timestep, member_type))
+        fused = combine_predictions(predictions, weights[..., active])
+        if return_dict and isinstance(first_output, BaseOutput):
+            return type(first_output)(sample=fused)
+        return (fused,)
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Union[int, str] = "10GB",
+        push_to_hub: bool = False,
+        reference_only: bool = False,
+        member_sources: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
+        **kwargs: Any,
+    ) -> None:
+        r"""
+        Saves the fusion atomically (a failing save leaves an earlier save intact), in safetensors.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            reference_only (`bool`, defaults to `False`): write only `config.json`, naming each member's repo id or
+                path (from `member_sources`, or recorded when the members were loaded by path or id) instead of
+                writing each member as a standard UNet folder `member_{i}/`.
+            member_sources (`list[dict]`, *optional*): per member, `pretrained_model_name_or_path`, `subfolder`,
+                `revision`, `variant`.
+            push_to_hub (`bool`): also upload to the Hub (`repo_id` in kwargs, default: the folder's name).
+        """
+        from ..loaders.serialization import save_fused_unet
+
+        if not safe_serialization:
+            raise ValueError("FusedUNet saves safetensors only; got safe_serialization=False")
+        if not is_main_process:
+            return
+        save_fused_unet(self, os.fspath(save_directory), reference_only=reference_only, member_sources=member_sources,
+                        variant=variant, max_shard_size=max_shard_size)  # fmt: skip
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            self.push_to_hub(repo_id, reference_only=reference_only, member_sources=member_sources, variant=variant,
+                             **kwargs)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> "FusedUNet":
+        r"""
+        Loads a fusion from a local folder or a Hub repo id (self-contained or reference-only layout).
+
+        Takes `subfolder`, `revision`, `variant`, `torch_dtype`, `device_map` (one for all members, or a list with one
+        per member), `cache_dir`, `token`, `local_files_only`, the other keyword arguments Diffusers' pipeline loader
+        passes, and `allow_pickle` (default `False`: `.bin`/`.ckpt` member weights are refused).
+        """
+        from ..loaders.serialization import load_fused_unet
+
+        return load_fused_unet(os.fspath(pretrained_model_name_or_path), **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        reference_only: bool = False,
+        member_sources: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        variant: Optional[str] = None,
+        **kwargs: Any,
+    ) -> str:
+        """Uploads the fusion (or, with `reference_only=True`, only its weight config) to a Hub repo; returns its id."""
+        from huggingface_hub import create_repo, upload_folder
+
+        if kwargs:
+            raise TypeError(f"push_to_hub got unexpected keyword arguments {sorted(kwargs)}")
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "fusion")
+            self.save_pretrained(folder, reference_only=reference_only, member_sources=member_sources, variant=variant)
+            upload_folder(repo_id=repo_id, folder_path=folder, token=token, create_pr=create_pr,
+                          commit_message=commit_message or "Upload FusedUNet")  # fmt: skip
+        return repo_id
+
+    # ----------------------------------------------------------------------------------------------- drop-in helpers
+    @property
+    def add_embedding(self) -> nn.Module:
+        """Member 0's `add_embedding` (SDXL pipelines read its input size; members agree on it)."""
+        return self.unets[0].add_embedding
+
+    @property
+    def encoder_hid_proj(self) -> Optional[nn.Module]:
+        """Member 0's `encoder_hid_proj`."""
+        return getattr(self.unets[0], "encoder_hid_proj", None)
+
+    def _call_on_members(self, method: str, *args: Any, **kwargs: Any) -> None:
+        missing = [f"member {i} ({type(unet).__name__})" for i, unet in enumerate(self.unets) if not hasattr(unet, method)]
+        if missing:
+            raise NotImplementedError(f"{method}() cannot be applied to the fusion: {', '.join(missing)} has no {method}()")
+        for unet in self.unets:
+            getattr(unet, method)(*args, **kwargs)
+
+    @property
+    def attn_processors(self) -> Dict[str, Any]:
+        """All members' attention processors, keyed `unets.{i}.<name>`."""
+        processors = {}
+        for i, unet in enumerate(self.unets):
+            processors.update({f"unets.{i}.{name}": proc for name, proc in getattr(unet, "attn_processors", {}).items()})
+        return processors
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """Sets one processor on every member, or a dict keyed like `attn_processors`."""
+        if not isinstance(processor, dict):
+            self._call_on_members("set_attn_processor", processor)
+            return
+        expected = self.attn_processors.keys()
+        if set(processor) != set(expected):
+            unknown, missing = sorted(set(processor) - set(expected)), sorted(set(expected) - set(processor))
+            raise ValueError(f"processor dict keys must match attn_processors; unknown {unknown[:3]}, missing {missing[:3]}")
+        for i, unet in enumerate(self.unets):
+            prefix = f"unets.{i}."
+            unet.set_attn_processor({name[len(prefix):]: proc for name, proc in processor.items() if name.startswith(prefix)})
+
+    def set_default_attn_processor(self) -> None:
+        self._call_on_members("set_default_attn_processor")
+
+    def set_attention_slice(self, slice_size: Union[str, int, List[int]] = "auto") -> None:
+        self._call_on_members("set_attention_slice", slice_size)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        self._call_on_members("enable_freeu", s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        self._call_on_members("disable_freeu")
+
+    def fuse_qkv_projections(self) -> None:
+        self._call_on_members("fuse_qkv_projections")
+
+    def unfuse_qkv_projections(self) -> None:
+        self._call_on_members("unfuse_qkv_projections")
+
+    def enable_forward_chunking(self, chunk_size: Optional[int] = None, dim: int = 0) -> None:
+        self._call_on_members("enable_forward_chunking", chunk_size=chunk_size, dim=dim)
+
+    def disable_forward_chunking(self) -> None:
+        self._call_on_members("disable_forward_chunking")
+
+    def enable_group_offload(
+        self,
+        onload_device: Union[str, torch.device],
+        offload_device: Union[str, torch.device] = torch.device("cpu"),
+        **kwargs: Any,
+    ) -> None:
+        """`ModelMixin.enable_group_offload` (same arguments), applied to each member on its own (and so by
+        `pipe.enable_group_offload`): at most one member's current group is on `onload_device` at a time."""
+        enable_group_offload_per_member(self, onload_device, offload_device=offload_device, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- LoRA members
+    @classmethod
+    def from_lora(
+        cls,
+        base_unet: nn.Module,
+        loras: Sequence[Any],
+        weights: Optional[WeightsLike] = None,
+        adapter_names: Optional[Sequence[str]] = None,
+        allow_pickle: bool = False,
+    ) -> "FusedUNet":
+        r"""
+        A fusion of LoRA fine-tunes of one base UNet that holds the base once: one adapter per LoRA, one
+        [`LoraMember`] per adapter.
+
+        Args:
+            base_unet (`UNet2DConditionModel`):
+                The base the LoRAs were trained on. The adapters are loaded into it in place (no copy).
+            loras (`list`):
+                Diffusers LoRA folders (`pytorch_lora_weights.safetensors`), `.safetensors` files, Hub repo ids, or
+                state dicts, as `pipe.load_lora_weights` reads them. UNet keys only: text-encoder LoRAs are refused.
+            weights (`list[float]`, *optional*):
+                The fusion weights (uniform by default).
+            adapter_names (`list[str]`, *optional*):
+                Adapter names in `base_unet` (default `member_0`, `member_1`, ...).
+            allow_pickle (`bool`, defaults to `False`):
+                Also read pickle (`.bin`) LoRA files. Only for files you trust.
+        """
+        from .modeling_lora_member import load_lora_members
+
+        members = load_lora_members(base_unet, loras, adapter_names=adapter_names, allow_pickle=allow_pickle)
+        return cls(members, weights=weights)
