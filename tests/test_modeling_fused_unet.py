@@ -474,14 +474,28 @@ def test_attention_slicing_and_processors_reach_every_member():
         assert processors and all(isinstance(p, SlicedAttnProcessor) and p.slice_size == 1 for p in processors)
     fused.set_attn_processor(AttnProcessor2_0())
     assert all(type(p) is AttnProcessor2_0 for p in fused.attn_processors.values())
-    assert len(fused.attn_processors) == sum(len(m.attn_processors) for m in members)
+    # a UNet's processor names (as Diffusers' IP-Adapter and LoRA code expect); a dict reaches every member
+    assert fused.attn_processors.keys() == members[0].attn_processors.keys()
     recording = {name: RecordingProcessor() for name in fused.attn_processors}
+    fused.set_attn_processor(recording)
+    for member in members:
+        for name, processor in member.attn_processors.items():
+            assert processor is recording[name]
+    with pytest.raises(ValueError, match=r"unknown \['bogus'\]"):
+        fused.set_attn_processor({**recording, "bogus": AttnProcessor2_0()})
+
+
+def test_members_with_other_attention_layouts_get_prefixed_processor_names():
+    members = [get_dummy_unet(0), get_dummy_unet(1, transformer_layers_per_block=2)]
+    fused = FusedUNet(members)
+    names = fused.attn_processors.keys()
+    assert len(names) == sum(len(m.attn_processors) for m in members)
+    assert all(name.startswith(("unets.0.", "unets.1.")) for name in names)
+    recording = {name: RecordingProcessor() for name in names}
     fused.set_attn_processor(recording)
     for i, member in enumerate(members):
         for name, processor in member.attn_processors.items():
             assert processor is recording[f"unets.{i}.{name}"]
-    with pytest.raises(ValueError, match=r"unknown \['bogus'\]"):
-        fused.set_attn_processor({**recording, "bogus": AttnProcessor2_0()})
 
 
 def test_freeu_and_qkv_fusion_reach_every_member(inputs):

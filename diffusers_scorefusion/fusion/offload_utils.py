@@ -43,13 +43,13 @@ def member_input_device(member: nn.Module, device: torch.device) -> Optional[tor
     return parameter.device
 
 
-def run_on_member_device(member: nn.Module, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
-    """`member(sample, timestep, **kwargs)` with inputs on the member's device and the output on `sample.device`."""
+def run_on_member_device(member: nn.Module, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """`member(sample, *args, **kwargs)` with inputs on the member's device and the output on `sample.device`."""
     device = sample.device
     target = member_input_device(member, device)
     if target is not None:
-        sample, timestep, kwargs = to_device((sample, timestep, kwargs), target)
-    return to_device(member(sample, timestep, **kwargs), device)
+        sample, args, kwargs = to_device((sample, args, kwargs), target)
+    return to_device(member(sample, *args, **kwargs), device)
 
 
 def enable_group_offload_per_member(
@@ -65,7 +65,7 @@ def enable_group_offload_per_member(
     the members would stay on the accelerator. LoRA members share one base, which is offloaded once.
     """
     seen = set()
-    for module in [*fused.unets, *getattr(fused, "text_encoders", [])]:
+    for module in [*fused.fusion_members, *getattr(fused, "text_encoders", [])]:
         module = getattr(module, "base", module)  # `LoraMember`s share their base UNet
         if id(module) not in seen:
             seen.add(id(module))

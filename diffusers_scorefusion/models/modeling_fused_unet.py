@@ -4,38 +4,27 @@ This module's path is part of the on-disk format: Diffusers records it in a save
 ``model_index.json``. Keep the class here.
 """
 
-import contextlib
 import os
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (Diffusers looks this name up in a component's module)
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..fusion.fusion_utils import (
-    PREDICTION_TYPES,
-    WeightsLike,
-    alpha_sigma,
-    check_bin_edges,
-    check_weights,
-    combine_predictions,
-    convert_prediction,
-    timestep_bins,
-)
+from ..fusion.fusion_utils import PREDICTION_TYPES, WeightsLike, alpha_sigma, convert_prediction
 from ..fusion.member_utils import (
     NOISE_SCHEDULE_KEYS,
     check_member_schedules,
     check_members,
-    copy_containers,
     noise_schedule_of,
     resolve_member_prediction_types,
     text_encoder_slots,
 )
-from ..fusion.offload_utils import enable_group_offload_per_member, run_on_member_device
+from ..fusion.modeling_fusion import FusedModelMixin, replace_first_field
 
 def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
     """Refuses a scheduler whose prediction type or noise schedule differs from the FusedUNet's."""
@@ -57,7 +46,7 @@ def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
 
 
 
-class FusedUNet(ModelMixin, ConfigMixin):
+class FusedUNet(FusedModelMixin):
     r"""
     Several UNets that share one noise schedule, combined into the KL-barycenter denoiser of ScoreFusion.
 
@@ -87,8 +76,7 @@ class FusedUNet(ModelMixin, ConfigMixin):
             receives its own encoding; members sharing an encoder share one encoding.
     """
 
-    config_name = "config.json"
-    _supports_gradient_checkpointing = False
+    members_attribute = "unets"
 
     def __init__(
         self,
@@ -138,7 +126,6 @@ class FusedUNet(ModelMixin, ConfigMixin):
             noise_schedule=noise_schedule,
             member_encoder_slots=encoder_slots[0],
         )
-        self._weights_override = None
         self.set_weights([1.0 / num_members] * num_members if weights is None else weights, timestep_bin_edges)
 
     @property
@@ -161,67 +148,6 @@ class FusedUNet(ModelMixin, ConfigMixin):
         slot = slots[index]
         return encoder_hidden_states[..., slot * width : (slot + 1) * width]
 
-    # ----------------------------------------------------------------------------------------------- weights
-    def set_weights(
-        self,
-        weights: WeightsLike,
-        timestep_bin_edges: Optional[Sequence[float]] = None,
-        provenance: Optional[Dict[str, Any]] = None,
-    ) -> None:
-        """Sets the fusion weights: `(k,)`, or a `(num_bins, k)` table with `timestep_bin_edges`.
-
-        `provenance` (JSON-serialisable: how the weights were obtained) is stored in the config beside them and
-        saved wherever the fusion is saved; setting weights without it clears the previous provenance.
-        """
-        table = check_weights(weights, self.config.num_members)
-        edges = None
-        if timestep_bin_edges is not None:
-            edges = check_bin_edges(timestep_bin_edges, table.shape[0]).tolist()
-        elif table.shape[0] > 1:
-            raise ValueError(f"weights with {table.shape[0]} rows need timestep_bin_edges ({table.shape[0] + 1} numbers)")
-        stored = table[0].tolist() if torch.as_tensor(weights).ndim == 1 else table.tolist()
-        if provenance is not None and not isinstance(provenance, dict):
-            raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
-        self.register_to_config(weights=stored, timestep_bin_edges=edges, weights_provenance=provenance)
-        self._weights_table = table
-
-    @property
-    def fusion_weights(self) -> torch.Tensor:
-        """The weights in use: `(k,)`, or `(num_bins, k)` for noise-level-dependent weights (float64, CPU)."""
-        table = self._weights_override if self._weights_override is not None else self._weights_table
-        return table[0] if self.config.timestep_bin_edges is None else table
-
-    @contextlib.contextmanager
-    def override_weights(self, weights: Optional[WeightsLike]) -> Iterator[None]:
-        """Uses `weights` (shape `(k,)` or the stored table's shape) inside the `with` block; `None` changes nothing."""
-        if weights is None:
-            yield
-            return
-        table = check_weights(weights, self.config.num_members, name="fusion_weights")
-        num_bins = self._weights_table.shape[0]
-        if table.shape[0] == 1 and num_bins > 1:
-            table = table.expand(num_bins, -1)
-        elif table.shape[0] != num_bins:
-            raise ValueError(f"fusion_weights must have shape (k,) or ({num_bins}, k), got {tuple(table.shape)}")
-        previous, self._weights_override = self._weights_override, table
-        try:
-            yield
-        finally:
-            self._weights_override = previous
-
-    def _step_weights(self, timestep: Union[torch.Tensor, float, int], batch_size: int) -> torch.Tensor:
-        """Weights for this call: `(k,)` when every sample shares a row, else `(B, k)`."""
-        table = self._weights_override if self._weights_override is not None else self._weights_table
-        if table.shape[0] == 1:
-            return table[0]
-        timesteps = torch.as_tensor(timestep).detach().cpu().flatten()
-        rows = timestep_bins(timesteps, torch.tensor(self.config.timestep_bin_edges, dtype=torch.float64))
-        if rows.numel() == 1 or (rows == rows[0]).all():
-            return table[rows[0]]
-        if rows.numel() != batch_size:
-            raise ValueError(f"timestep must be a scalar or have {batch_size} entries, got shape {tuple(timesteps.shape)}")
-        return table[rows]  # (B, k)
-
     # ----------------------------------------------------------------------------------------------- forward
     def _convert(self, model_output: torch.Tensor, sample: torch.Tensor, timestep, member_type: str) -> torch.Tensor:
         if member_type == self.config.prediction_type:
@@ -240,8 +166,7 @@ class FusedUNet(ModelMixin, ConfigMixin):
         """
         if "encoder_hidden_states" in kwargs:
             kwargs["encoder_hidden_states"] = self._member_hidden_states(index, kwargs["encoder_hidden_states"])
-        kwargs = copy_containers({key: value for key, value in kwargs.items() if value is not None})
-        return run_on_member_device(self.unets[index], sample, timestep, return_dict=return_dict, **kwargs)
+        return self.call_member(index, sample, timestep, return_dict=return_dict, **kwargs)
 
     def member_outputs(
         self, sample: torch.Tensor, timestep, members: Optional[Sequence[int]] = None, **kwargs: Any
@@ -286,17 +211,13 @@ class FusedUNet(ModelMixin, ConfigMixin):
             down_intrablock_additional_residuals=down_intrablock_additional_residuals,
             encoder_attention_mask=encoder_attention_mask, **kwargs,
         )  # fmt: skip
-        weights = self._step_weights(timestep, sample.shape[0])  # (k,) or (B, k)
-        active = (weights != 0) if weights.ndim == 1 else (weights != 0).any(0)
-        first_output, predictions = None, []
-        for i in active.nonzero().flatten().tolist():
-            output = self.member_output(i, sample, timestep, return_dict=return_dict, **member_kwargs)
-            first_output = output if first_output is None else first_output
-            member_type = self.config.member_prediction_types[i]
-            predictions.append(self._convert(output[0], sample, timestep, member_type))
-        fused = combine_predictions(predictions, weights[..., active])
+        first_output, fused = self.fuse(
+            timestep, sample.shape[0],
+            run_member=lambda i: self.member_output(i, sample, timestep, return_dict=return_dict, **member_kwargs),
+            convert=lambda i, x: self._convert(x, sample, timestep, self.config.member_prediction_types[i]),
+        )  # fmt: skip
         if return_dict and isinstance(first_output, BaseOutput):
-            return type(first_output)(sample=fused)
+            return replace_first_field(first_output, fused)
         return (fused,)
 
     # ----------------------------------------------------------------------------------------------- saving
@@ -386,37 +307,6 @@ class FusedUNet(ModelMixin, ConfigMixin):
         """Member 0's `encoder_hid_proj`."""
         return getattr(self.unets[0], "encoder_hid_proj", None)
 
-    def _call_on_members(self, method: str, *args: Any, **kwargs: Any) -> None:
-        missing = [f"member {i} ({type(unet).__name__})" for i, unet in enumerate(self.unets) if not hasattr(unet, method)]
-        if missing:
-            raise NotImplementedError(f"{method}() cannot be applied to the fusion: {', '.join(missing)} has no {method}()")
-        for unet in self.unets:
-            getattr(unet, method)(*args, **kwargs)
-
-    @property
-    def attn_processors(self) -> Dict[str, Any]:
-        """All members' attention processors, keyed `unets.{i}.<name>`."""
-        processors = {}
-        for i, unet in enumerate(self.unets):
-            processors.update({f"unets.{i}.{name}": proc for name, proc in getattr(unet, "attn_processors", {}).items()})
-        return processors
-
-    def set_attn_processor(self, processor: Any) -> None:
-        """Sets one processor on every member, or a dict keyed like `attn_processors`."""
-        if not isinstance(processor, dict):
-            self._call_on_members("set_attn_processor", processor)
-            return
-        expected = self.attn_processors.keys()
-        if set(processor) != set(expected):
-            unknown, missing = sorted(set(processor) - set(expected)), sorted(set(expected) - set(processor))
-            raise ValueError(f"processor dict keys must match attn_processors; unknown {unknown[:3]}, missing {missing[:3]}")
-        for i, unet in enumerate(self.unets):
-            prefix = f"unets.{i}."
-            unet.set_attn_processor({name[len(prefix):]: proc for name, proc in processor.items() if name.startswith(prefix)})
-
-    def set_default_attn_processor(self) -> None:
-        self._call_on_members("set_default_attn_processor")
-
     def set_attention_slice(self, slice_size: Union[str, int, List[int]] = "auto") -> None:
         self._call_on_members("set_attention_slice", slice_size)
 
@@ -425,28 +315,6 @@ class FusedUNet(ModelMixin, ConfigMixin):
 
     def disable_freeu(self) -> None:
         self._call_on_members("disable_freeu")
-
-    def fuse_qkv_projections(self) -> None:
-        self._call_on_members("fuse_qkv_projections")
-
-    def unfuse_qkv_projections(self) -> None:
-        self._call_on_members("unfuse_qkv_projections")
-
-    def enable_forward_chunking(self, chunk_size: Optional[int] = None, dim: int = 0) -> None:
-        self._call_on_members("enable_forward_chunking", chunk_size=chunk_size, dim=dim)
-
-    def disable_forward_chunking(self) -> None:
-        self._call_on_members("disable_forward_chunking")
-
-    def enable_group_offload(
-        self,
-        onload_device: Union[str, torch.device],
-        offload_device: Union[str, torch.device] = torch.device("cpu"),
-        **kwargs: Any,
-    ) -> None:
-        """`ModelMixin.enable_group_offload` (same arguments), applied to each member on its own (and so by
-        `pipe.enable_group_offload`): at most one member's current group is on `onload_device` at a time."""
-        enable_group_offload_per_member(self, onload_device, offload_device=offload_device, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- LoRA members
     @classmethod

@@ -1,0 +1,212 @@
+"""`FusedModelMixin`: what every fused denoiser shares, whatever its members are (UNets, transformers).
+
+Weights on the simplex (one row, or a `(num_bins, k)` table over timestep bins), per-call overrides, the fused
+forward that skips members whose weight is 0, member placement, and helpers forwarded to every member.
+"""
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .fusion_utils import WeightsLike, check_bin_edges, check_weights, combine_predictions, timestep_bins
+from .member_utils import copy_containers
+from .offload_utils import enable_group_offload_per_member, run_on_member_device
+
+
+def replace_first_field(output: Any, value: torch.Tensor) -> Any:
+    """`output` (a `BaseOutput` or a tuple) with its first field set to `value`, the other fields kept."""
+    if isinstance(output, BaseOutput):
+        first = next(iter(output.keys()))
+        return type(output)(**{**output, first: value})
+    return (value, *tuple(output)[1:])
+
+
+class FusedModelMixin(ModelMixin, ConfigMixin):
+    r"""
+    The fusion core shared by [`FusedUNet`] and the other fused denoisers.
+
+    A subclass keeps its members in an `nn.ModuleList` named by `members_attribute`, registers `num_members` in its
+    config, and calls `set_weights` at the end of `__init__`. Its `forward` builds each member's keyword arguments
+    and calls [`~FusedModelMixin.fuse`].
+    """
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = False
+    # The `nn.ModuleList` attribute that holds the members (`"unets"` for FusedUNet).
+    members_attribute = "members_list"
+    # Weights for the current call only (`override_weights`), or `None`.
+    _weights_override: Optional[torch.Tensor] = None
+
+    @property
+    def fusion_members(self) -> nn.ModuleList:
+        """The members, in order."""
+        return getattr(self, self.members_attribute)
+
+    # ----------------------------------------------------------------------------------------------- weights
+    def set_weights(
+        self,
+        weights: WeightsLike,
+        timestep_bin_edges: Optional[Sequence[float]] = None,
+        provenance: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        """Sets the fusion weights: `(k,)`, or a `(num_bins, k)` table with `timestep_bin_edges`.
+
+        `provenance` (JSON-serialisable: how the weights were obtained) is stored in the config beside them and
+        saved wherever the fusion is saved; setting weights without it clears the previous provenance.
+        """
+        table = check_weights(weights, self.config.num_members)
+        edges = None
+        if timestep_bin_edges is not None:
+            edges = check_bin_edges(timestep_bin_edges, table.shape[0]).tolist()
+        elif table.shape[0] > 1:
+            raise ValueError(f"weights with {table.shape[0]} rows need timestep_bin_edges ({table.shape[0] + 1} numbers)")
+        stored = table[0].tolist() if torch.as_tensor(weights).ndim == 1 else table.tolist()
+        if provenance is not None and not isinstance(provenance, dict):
+            raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
+        self.register_to_config(weights=stored, timestep_bin_edges=edges, weights_provenance=provenance)
+        self._weights_table = table
+
+    @property
+    def fusion_weights(self) -> torch.Tensor:
+        """The weights in use: `(k,)`, or `(num_bins, k)` for noise-level-dependent weights (float64, CPU)."""
+        table = self._weights_override if self._weights_override is not None else self._weights_table
+        return table[0] if self.config.timestep_bin_edges is None else table
+
+    @contextlib.contextmanager
+    def override_weights(self, weights: Optional[WeightsLike]) -> Iterator[None]:
+        """Uses `weights` (shape `(k,)` or the stored table's shape) inside the `with` block; `None` changes nothing."""
+        if weights is None:
+            yield
+            return
+        table = check_weights(weights, self.config.num_members, name="fusion_weights")
+        num_bins = self._weights_table.shape[0]
+        if table.shape[0] == 1 and num_bins > 1:
+            table = table.expand(num_bins, -1)
+        elif table.shape[0] != num_bins:
+            raise ValueError(f"fusion_weights must have shape (k,) or ({num_bins}, k), got {tuple(table.shape)}")
+        previous, self._weights_override = self._weights_override, table
+        try:
+            yield
+        finally:
+            self._weights_override = previous
+
+    def step_weights(self, timestep: Union[torch.Tensor, float, int], batch_size: int) -> torch.Tensor:
+        """Weights for this call: `(k,)` when every sample shares a row, else `(B, k)`.
+
+        Timestep bins are in the units of the `timestep` the pipeline passes to the model.
+        """
+        table = self._weights_override if self._weights_override is not None else self._weights_table
+        if table.shape[0] == 1:
+            return table[0]
+        timesteps = torch.as_tensor(timestep).detach().cpu().flatten()
+        rows = timestep_bins(timesteps, torch.tensor(self.config.timestep_bin_edges, dtype=torch.float64))
+        if rows.numel() == 1 or (rows == rows[0]).all():
+            return table[rows[0]]
+        if rows.numel() != batch_size:
+            raise ValueError(f"timestep must be a scalar or have {batch_size} entries, got shape {tuple(timesteps.shape)}")
+        return table[rows]  # (B, k)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def call_member(self, index: int, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Runs member `index` on `(sample, *args, **kwargs)`; `None`-valued keyword arguments are not passed.
+
+        A member whose weights sit on another device (and that has no offloading hooks moving its inputs) gets its
+        inputs moved there; its output comes back on `sample.device`.
+        """
+        kwargs = copy_containers({key: value for key, value in kwargs.items() if value is not None})
+        return run_on_member_device(self.fusion_members[index], sample, *args, **kwargs)
+
+    def fuse(
+        self,
+        timestep: Union[torch.Tensor, float, int],
+        batch_size: int,
+        run_member: Callable[[int], Any],
+        convert: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    ) -> Tuple[Any, torch.Tensor]:
+        """``sum_i lambda_i output_i`` over the members whose weight at `timestep` is not 0 (the others are not run).
+
+        `run_member(i)` returns member `i`'s output (a `BaseOutput` or a tuple, the prediction first); `convert(i, x)`
+        maps its prediction to the fused parameterisation. Returns the first run member's output and the fused
+        prediction.
+        """
+        weights = self.step_weights(timestep, batch_size)  # (k,) or (B, k)
+        active = (weights != 0) if weights.ndim == 1 else (weights != 0).any(0)
+        first_output, predictions = None, []
+        for i in active.nonzero().flatten().tolist():
+            output = run_member(i)
+            first_output = output if first_output is None else first_output
+            prediction = output[0]
+            predictions.append(prediction if convert is None else convert(i, prediction))
+        return first_output, combine_predictions(predictions, weights[..., active])
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _call_on_members(self, method: str, *args: Any, **kwargs: Any) -> List[Any]:
+        """Calls `method` on every member; raises (calling none) if a member lacks it."""
+        members = self.fusion_members
+        missing = [f"member {i} ({type(member).__name__})" for i, member in enumerate(members)
+                   if not hasattr(member, method)]  # fmt: skip
+        if missing:
+            raise NotImplementedError(f"{method}() cannot be applied to the fusion: {', '.join(missing)} has no {method}()")
+        return [getattr(member, method)(*args, **kwargs) for member in members]
+
+    @property
+    def attn_processors(self) -> Dict[str, Any]:
+        """The members' attention processors under a single member's names (`down_blocks.0...processor`).
+
+        Members share one layout (the same processor names): the values are member 0's, and processors set through
+        the fusion are set on every member (IP-Adapter processors are shared objects). Members whose layouts differ
+        are listed with a `{members_attribute}.{i}.` prefix instead.
+        """
+        per_member = [getattr(member, "attn_processors", {}) for member in self.fusion_members]
+        if all(processors.keys() == per_member[0].keys() for processors in per_member):
+            return dict(per_member[0])
+        prefix = self.members_attribute
+        return {f"{prefix}.{i}.{name}": proc for i, processors in enumerate(per_member) for name, proc in processors.items()}
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """Sets one processor on every member, or a dict keyed like `attn_processors` (the same processor object for
+        the same layer of every member)."""
+        if not isinstance(processor, dict):
+            self._call_on_members("set_attn_processor", processor)
+            return
+        expected = self.attn_processors.keys()
+        if set(processor) != set(expected):
+            unknown, missing = sorted(set(processor) - set(expected)), sorted(set(expected) - set(processor))
+            raise ValueError(f"processor dict keys must match attn_processors; unknown {unknown[:3]}, missing {missing[:3]}")
+        for i, member in enumerate(self.fusion_members):
+            prefix = f"{self.members_attribute}.{i}."
+            if any(name.startswith(prefix) for name in processor):
+                member.set_attn_processor({name[len(prefix):]: proc for name, proc in processor.items()
+                                           if name.startswith(prefix)})  # fmt: skip
+            else:
+                member.set_attn_processor(dict(processor))
+
+    def set_default_attn_processor(self) -> None:
+        self._call_on_members("set_default_attn_processor")
+
+    def fuse_qkv_projections(self) -> None:
+        self._call_on_members("fuse_qkv_projections")
+
+    def unfuse_qkv_projections(self) -> None:
+        self._call_on_members("unfuse_qkv_projections")
+
+    def enable_forward_chunking(self, chunk_size: Optional[int] = None, dim: int = 0) -> None:
+        self._call_on_members("enable_forward_chunking", chunk_size=chunk_size, dim=dim)
+
+    def disable_forward_chunking(self) -> None:
+        self._call_on_members("disable_forward_chunking")
+
+    def enable_group_offload(
+        self,
+        onload_device: Union[str, torch.device],
+        offload_device: Union[str, torch.device] = torch.device("cpu"),
+        **kwargs: Any,
+    ) -> None:
+        """`ModelMixin.enable_group_offload` (same arguments), applied to each member on its own (and so by
+        `pipe.enable_group_offload`): at most one member's current group is on `onload_device` at a time."""
+        enable_group_offload_per_member(self, onload_device, offload_device=offload_device, **kwargs)
