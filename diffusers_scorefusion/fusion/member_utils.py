@@ -91,6 +91,30 @@ def check_members(unets: List[nn.Module]) -> Dict[str, Any]:
             raise ValueError(f"member {i} has dtype {dtype} but member 0 has dtype {dtypes[0]}")
     return reference
 
+def _config_dict(config: Any) -> Dict[str, Any]:
+    """A member's config as a dict (Diffusers' `FrozenDict`, or any object with attributes)."""
+    if config is None:
+        return {}
+    return dict(config) if isinstance(config, dict) else dict(vars(config))
+
+
+def shared_member_config(members: Sequence[nn.Module]) -> Dict[str, Any]:
+    """The public config entries every member has with the same value (tuples as lists), in member 0's order.
+
+    A fusion mirrors them in its own config, so code that reads a single model's config (`block_out_channels`,
+    `layers_per_block`, ...) reads the members' shared value; entries the members disagree on are left out.
+    """
+    configs = [_config_dict(getattr(member, "config", None)) for member in members]
+    shared = {}
+    for key, value in configs[0].items():
+        if key.startswith("_"):
+            continue
+        value = plain(value)
+        if all(key in config and plain(config[key]) == value for config in configs[1:]):
+            shared[key] = value
+    return shared
+
+
 def check_member_schedules(member_schedulers: Optional[Sequence[Any]], num_members: int) -> Optional[Dict[str, Any]]:
     """The members' shared noise schedule (refusing members whose schedules differ), or `None` if not given."""
     if member_schedulers is None:

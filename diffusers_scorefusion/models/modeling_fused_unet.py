@@ -22,6 +22,7 @@ from ..fusion.member_utils import (
     check_members,
     noise_schedule_of,
     resolve_member_prediction_types,
+    shared_member_config,
     text_encoder_slots,
 )
 from ..fusion.modeling_fusion import FusedModelMixin, replace_first_field
@@ -119,7 +120,7 @@ class FusedUNet(FusedModelMixin):
         if noise_schedule is not None:
             self._alphas_cumprod = DDPMScheduler.from_config(noise_schedule).alphas_cumprod.to(torch.float64)
         self.register_to_config(
-            **interface,
+            **{**shared_member_config(unets), **interface},
             num_members=num_members,
             prediction_type=prediction_type,
             member_prediction_types=list(member_prediction_types),
