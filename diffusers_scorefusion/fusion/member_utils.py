@@ -91,6 +91,16 @@ def check_members(unets: List[nn.Module]) -> Dict[str, Any]:
             raise ValueError(f"member {i} has dtype {dtype} but member 0 has dtype {dtypes[0]}")
     return reference
 
+def distinct_models(members: Sequence[nn.Module]) -> List[nn.Module]:
+    """The distinct models behind the members, in order: `LoraMember`s of one base share that base."""
+    models: List[nn.Module] = []
+    for member in members:
+        model = getattr(member, "base", member)
+        if not any(model is known for known in models):
+            models.append(model)
+    return models
+
+
 def _config_dict(config: Any) -> Dict[str, Any]:
     """A member's config as a dict (Diffusers' `FrozenDict`, or any object with attributes)."""
     if config is None:

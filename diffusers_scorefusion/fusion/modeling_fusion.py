@@ -15,6 +15,7 @@ from torch import nn
 
 from .fusion_utils import WeightsLike, check_bin_edges, check_weights, combine_predictions, timestep_bins
 from .member_utils import copy_containers
+from .peft_utils import FusedPeftMixin
 from .offload_utils import enable_group_offload_per_member, run_on_member_device
 
 
@@ -26,7 +27,7 @@ def replace_first_field(output: Any, value: torch.Tensor) -> Any:
     return (value, *tuple(output)[1:])
 
 
-class FusedModelMixin(ModelMixin, ConfigMixin):
+class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
     r"""
     The fusion core shared by [`FusedUNet`] and the other fused denoisers.
 

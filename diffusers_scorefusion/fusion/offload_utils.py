@@ -14,6 +14,8 @@ from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .member_utils import distinct_models
+
 
 def to_device(value: Any, device: torch.device) -> Any:
     """`value` with every tensor in it (also inside tuples, lists, dicts, `BaseOutput`s) on `device`; others as is."""
@@ -64,10 +66,6 @@ def enable_group_offload_per_member(
     `member.to()`, which Diffusers refuses (with a warning only) on a group-offloaded model unless streams are used:
     the members would stay on the accelerator. LoRA members share one base, which is offloaded once.
     """
-    seen = set()
-    for module in [*fused.fusion_members, *getattr(fused, "text_encoders", [])]:
-        module = getattr(module, "base", module)  # `LoraMember`s share their base UNet
-        if id(module) not in seen:
-            seen.add(id(module))
-            apply_group_offloading(module, onload_device=torch.device(onload_device),
-                                   offload_device=torch.device(offload_device), **kwargs)  # fmt: skip
+    for module in distinct_models([*fused.fusion_members, *getattr(fused, "text_encoders", [])]):
+        apply_group_offloading(module, onload_device=torch.device(onload_device),
+                               offload_device=torch.device(offload_device), **kwargs)  # fmt: skip

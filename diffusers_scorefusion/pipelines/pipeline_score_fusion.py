@@ -296,27 +296,27 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
         by each member encoder are concatenated along the last dimension; `FusedUNet` hands each member its block.
         """
         args = (device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt)
-        base = super().encode_prompt(
+        slots = getattr(self.unet, "num_encoder_slots", 1)  # a plain UNet or None: 1, the stock encoding
+        if slots > 1 and (prompt is None or prompt_embeds is not None or negative_prompt_embeds is not None):
+            raise ValueError("members have their own text encoders: pass the prompt as text, not prompt_embeds")
+        prompt_embeds, negative_prompt_embeds = super().encode_prompt(
             prompt, *args, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             lora_scale=lora_scale, clip_skip=clip_skip,
         )  # fmt: skip
-        if getattr(self.unet, "num_encoder_slots", 1) == 1:  # a plain UNet or None: the stock encoding
-            return base
-        if prompt is None or prompt_embeds is not None or negative_prompt_embeds is not None:
-            raise ValueError("members have their own text encoders: pass the prompt as text, not prompt_embeds")
-        encodings = [base]
+        if slots == 1:
+            return prompt_embeds, negative_prompt_embeds
+        encodings = [(prompt_embeds, negative_prompt_embeds)]
         pipeline_encoder = self.text_encoder
         try:
             for encoder in self.unet.text_encoders:
-                object.__setattr__(
-                    self, "text_encoder", encoder
-                )  # this call only; the registered component is unchanged
+                object.__setattr__(self, "text_encoder", encoder)  # this call only; the registered component stays
                 encodings.append(super().encode_prompt(prompt, *args, lora_scale=lora_scale, clip_skip=clip_skip))
         finally:
             object.__setattr__(self, "text_encoder", pipeline_encoder)
-        positive = torch.cat([encoding[0] for encoding in encodings], dim=-1)
-        negative = torch.cat([encoding[1] for encoding in encodings], dim=-1) if do_classifier_free_guidance else None
-        return positive, negative
+        prompt_embeds = torch.cat([encoding[0] for encoding in encodings], dim=-1)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = torch.cat([encoding[1] for encoding in encodings], dim=-1)
+        return prompt_embeds, negative_prompt_embeds
 
     def _fitting_inputs(
         self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int]
