@@ -1,6 +1,6 @@
 """LoRA on a whole fusion: one adapter (a style LoRA, an IP-Adapter FaceID LoRA) applied to every member.
 
-Diffusers' PEFT integration (`PeftAdapterMixin`, inherited through `ModelMixin`) already works on the fusion as one
+Diffusers' PEFT integration (`PeftAdapterMixin`, which Diffusers models inherit) already works on the fusion as one
 model for everything that walks its modules: `add_adapter` (which matches target modules by name suffix, so it reaches
 every member), `set_adapters`, `fuse_lora`, `unfuse_lora`, `disable_lora`, `delete_adapters`, `unload_lora`. What
 differs is loading a state dict written for *one* model: its keys (`down_blocks.0...to_q.lora_A.weight`) name the
@@ -17,8 +17,8 @@ HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "tok
               "weight_name", "use_safetensors")  # fmt: skip
 
 
-class FusedPeftMixin:
-    """LoRA adapters applied to every member of a fusion (put it before `ModelMixin` in the bases)."""
+class FusedPeftMixin(PeftAdapterMixin):
+    """Diffusers' `PeftAdapterMixin` for a fusion: LoRA adapters applied to every member."""
 
     def _member_prefixes(self) -> List[str]:
         """Module path of each distinct member model inside the fusion (`unets.0`, `unets.1`, ...)."""

@@ -192,19 +192,24 @@ class ScoreFusionPipelineMixin:
         if "__call__" not in cls.__dict__:
             cls.__call__ = fusion_call(_stock_call(cls))
 
+    @property
+    def fusion_model(self) -> Optional[FusedUNet]:
+        """The fusion behind `unet` (also when `torch.compile(pipe.unet)` wrapped it), or `None` for a plain model."""
+        denoiser = getattr(self.unet, "_orig_mod", self.unet)
+        return denoiser if isinstance(denoiser, FusedUNet) else None
+
     def _check_fusion_call(self, fusion_weights: Optional[WeightsLike]) -> Any:
         """The fusion weights' context for one call: the override, after the scheduler check; refuses per-call
         weights when the denoiser is not a fusion."""
-        denoiser = self.unet
-        if not isinstance(denoiser, FusedUNet):
+        fusion = self.fusion_model
+        if fusion is None:
             if fusion_weights is not None:
                 raise TypeError(
-                    f"fusion_weights={fusion_weights!r} needs a FusedUNet as `unet`, got "
-                    f"{type(denoiser).__name__}"
+                    f"fusion_weights={fusion_weights!r} needs a FusedUNet as `unet`, got {type(self.unet).__name__}"
                 )
             return contextlib.nullcontext()
-        check_scheduler_matches(denoiser, self.scheduler)
-        return denoiser.override_weights(fusion_weights)
+        check_scheduler_matches(fusion, self.scheduler)
+        return fusion.override_weights(fusion_weights)
 
     def fit_weights(
         self,
@@ -227,7 +232,8 @@ class ScoreFusionPipelineMixin:
         Latents are the VAE posterior means (shifted and scaled as the VAE config says); prompts are encoded without
         classifier-free guidance, as the pipeline's `encode_for_fitting` does. The noise schedule is `self.scheduler`'s.
         """
-        if not isinstance(self.unet, FusedUNet):
+        fusion = self.fusion_model
+        if fusion is None:
             raise TypeError(f"fit_weights needs a FusedUNet as `unet`, got {type(self.unet).__name__}")
         latents, prompt_embeds, unet_kwargs = self._fitting_inputs(images, prompts, height, width)
         if unet_kwargs is not None and "unet_kwargs" in options:
@@ -235,7 +241,7 @@ class ScoreFusionPipelineMixin:
                 "unet_kwargs are computed from the images and prompts here; call fitting.fit_weights to pass your own"
             )
         options.setdefault("unet_kwargs", unet_kwargs)
-        return fit_weights(self.unet, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **options)
+        return fit_weights(fusion, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **options)
 
 
 class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
