@@ -16,7 +16,7 @@ import pytest
 import diffusers
 import torch
 
-from exceptions import EXCEPTIONS  # noqa: E402  (this folder is on sys.path, as for every test module here)
+from exceptions import exception_reason  # this folder is on sys.path, as for every test module here
 from hub_stand_ins import write_stand_ins
 from upstream import FUSION_VARIANTS, VARIANTS, import_upstream, upstream_commit, upstream_root
 
@@ -36,12 +36,20 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption(REPORT_OPTION, default=None, help="write the stock-vs-fusion table (markdown) to this file")
 
 
+_CONFIG: Dict[str, Any] = {}
+
+
 def pytest_configure(config: Any) -> None:
+    _CONFIG["config"] = config
     if upstream_root() is None:
         return
     write_stand_ins(os.path.join(os.environ["HF_HOME"], "hub"))
     _register_upstream_markers(config)
-    config._upstream_results = {}  # {upstream test id: {variant: outcome}}
+    config._upstream_results = {}  # {upstream test id: {variant: outcome}}, filled from the reports
+    config._upstream_ours = {}  # {variant: {test id: outcome}} of the harness's own stock-equality tests
+    baseline = _load_baseline()
+    config._upstream_run_stock = config.getoption(STOCK_OPTION) or baseline is None
+    config._upstream_baseline = baseline or {}
 
 
 def _register_upstream_markers(config: Any) -> None:
@@ -70,6 +78,11 @@ def _variant(item: Any) -> Optional[str]:
     return getattr(getattr(item, "cls", None), "upstream_variant", None)
 
 
+def _is_ours(test_name: str) -> bool:
+    """Tests the harness adds to each fusion class (not upstream tests: no stock twin, not in the table)."""
+    return test_name.startswith("test_scorefusion_")
+
+
 def upstream_id(item: Any) -> str:
     """`pipelines/.../test_x.py::UpstreamClass::test_name[params]` of a derived test item."""
     return f"{item.cls.upstream_test}::{item.name}"
@@ -78,10 +91,7 @@ def upstream_id(item: Any) -> str:
 def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
     if upstream_root() is None:
         return
-    baseline = _load_baseline()
-    run_stock = config.getoption(STOCK_OPTION) or baseline is None
-    config._upstream_run_stock = run_stock
-    config._upstream_baseline = baseline or {}
+    baseline, run_stock = config._upstream_baseline, config._upstream_run_stock
     kept, deselected = [], []
     for item in items:
         variant = _variant(item)
@@ -89,14 +99,14 @@ def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
             deselected.append(item)
             continue
         kept.append(item)
-        if variant in FUSION_VARIANTS and not run_stock:
+        if variant in FUSION_VARIANTS and not run_stock and not _is_ours(item.name):
             stock = baseline.get(upstream_id(item))
             if stock is None:
                 item.add_marker(pytest.mark.skip(reason="not in the stock baseline: rerun with --upstream-stock"))
             elif stock != "passed":
                 item.add_marker(pytest.mark.skip(reason=f"stock {stock}"))
-            elif upstream_id(item) in EXCEPTIONS:
-                item.add_marker(pytest.mark.skip(reason=f"listed exception: {EXCEPTIONS[upstream_id(item)]}"))
+            elif exception_reason(upstream_id(item)) is not None:
+                item.add_marker(pytest.mark.skip(reason=f"listed exception: {exception_reason(upstream_id(item))}"))
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
@@ -125,16 +135,32 @@ def pytest_runtest_makereport(item: Any, call: Any):
     if variant in FUSION_VARIANTS and report.skipped and stock == "passed" and not own_skip:
         report.outcome = "failed"  # a skip only on the fusion hides a difference
         report.longrepr = f"fusion-only skip (the stock pipeline passes this test): {report.longrepr}"
+    # carried to the process that prints the table (also from pytest-xdist workers)
+    report.user_properties.append(("upstream", (key, variant)))
+
+
+def pytest_runtest_logreport(report: Any) -> None:
+    found = [value for name, value in report.user_properties if name == "upstream"]
+    config = _CONFIG.get("config")
+    if not found or config is None:
+        return
+    key, variant = found[-1]
+    if _is_ours(key.rsplit("::", 1)[-1]):
+        if report.when == "call" or report.failed:
+            config._upstream_ours.setdefault(variant, {})[key] = _outcome(report)
+        return
     results = config._upstream_results.setdefault(key, {})
-    if report.when == "call" or report.failed or report.skipped or variant not in results:
-        previous = results.get(variant)
-        if previous is None or previous == "passed" or report.failed:
+    previous = results.get(variant)
+    if previous is None or previous == "passed" or report.failed:
+        if report.when == "call" or report.failed or report.skipped or previous is None:
             results[variant] = _outcome(report)
 
 
 def _short(outcome: Optional[str]) -> str:
     if outcome is None:
         return "-"
+    if outcome.startswith("skipped: listed exception"):
+        return "exception"
     return outcome if not outcome.startswith("skipped") else "skipped"
 
 
@@ -157,10 +183,12 @@ def _counts(config: Any) -> Dict[str, Dict[str, int]]:
             outcome = stock if variant == "stock" else by_variant.get(variant)
             if outcome is None:
                 continue
-            bucket = counts.setdefault(variant, {"passed": 0, "failed": 0, "skipped": 0, "fusion-only failures": 0})
-            bucket[_short(outcome) if not outcome.startswith("skipped") else "skipped"] += 1
-            if variant != "stock" and stock == "passed" and outcome != "passed" and key not in EXCEPTIONS:
-                bucket["fusion-only failures"] += 1
+            bucket = counts.setdefault(variant, dict.fromkeys(("passed", "failed", "skipped", "exception"), 0))
+            bucket[_short(outcome)] += 1
+            if variant != "stock":
+                bucket.setdefault("fusion-only failures", 0)
+                if stock == "passed" and outcome != "passed" and exception_reason(key) is None:
+                    bucket["fusion-only failures"] += 1
     return counts
 
 
@@ -168,12 +196,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
     if upstream_root() is None:
         terminalreporter.write_sep("=", "Diffusers' own tests were NOT run: upstream tests not found")
         return
-    if not getattr(config, "_upstream_results", None):
+    if not getattr(config, "_upstream_results", None) and not getattr(config, "_upstream_ours", None):
         return
     terminalreporter.write_sep("=", "Diffusers' own tests: stock vs fusion")
     counts = _counts(config)
     for variant, bucket in counts.items():
         terminalreporter.write_line(f"{variant}: " + ", ".join(f"{name} {n}" for name, n in bucket.items()))
+    for variant, outcomes in config._upstream_ours.items():
+        passed = sum(outcome == "passed" for outcome in outcomes.values())
+        terminalreporter.write_line(f"{variant}: output equals the stock pipeline's bit for bit in {passed} of "
+                                    f"{len(outcomes)} suites")  # fmt: skip
     if config.getoption("verbose") > 0:
         for line in _table(config):
             terminalreporter.write_line(line)
@@ -186,8 +218,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
 
 def _write_report(config: Any, path: str, counts: Dict[str, Dict[str, int]]) -> None:
     header = [f"Diffusers {diffusers.__version__}, torch {torch.__version__}, upstream tests at {upstream_commit()}", ""]
-    header += ["| variant | " + " | ".join(next(iter(counts.values()))) + " |", "| --- |" + " --- |" * 4]
-    header += [f"| {variant} | " + " | ".join(str(n) for n in bucket.values()) + " |" for variant, bucket in counts.items()]
+    columns = ("passed", "failed", "skipped", "exception", "fusion-only failures")
+    header += ["| variant | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    header += [f"| {variant} | " + " | ".join(str(bucket.get(name, "-")) for name in columns) + " |"
+               for variant, bucket in counts.items()]  # fmt: skip
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(header + [""] + _table(config)) + "\n")
 

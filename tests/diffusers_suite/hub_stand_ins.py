@@ -80,7 +80,15 @@ def _tiny_stable_diffusion_xl(folder: str) -> None:
     pipe.save_pretrained(folder)
 
 
+def _tiny_clip_text(folder: str) -> None:
+    # peft-internal-testing/tiny-clip-text-2: a CLIP text model of width 32 with a 32-wide projection, and its tokenizer.
+    torch.manual_seed(0)
+    CLIPTextModelWithProjection(_text_config(projection_dim=32)).save_pretrained(folder)
+    ascii_clip_tokenizer().save_pretrained(folder)
+
+
 STAND_INS: Dict[str, Callable[[str], None]] = {
+    "peft-internal-testing/tiny-clip-text-2": _tiny_clip_text,
     "hf-internal-testing/tiny-random-clip": _tiny_random_clip,
     "hf-internal-testing/tiny-stable-diffusion-torch": _tiny_stable_diffusion,
     "hf-internal-testing/tiny-stable-diffusion-pipe": _tiny_stable_diffusion,

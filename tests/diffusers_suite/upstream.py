@@ -15,12 +15,14 @@ and, for pipelines with a ScoreFusion class, the pipeline class replaced by it. 
 
 import copy
 import importlib
+import inspect
 import importlib.util
 import os
 import sys
 from types import ModuleType
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy
 import torch
 
 PACKAGE = "diffusers_upstream_tests"
@@ -125,12 +127,40 @@ def derive(
             }
             if variant != "stock":
                 attributes["get_dummy_components"] = _fused_dummy_components(base, variant, denoiser_key)
+                attributes["test_scorefusion_output_equals_stock"] = _output_equals_stock(base)
                 if fusion_pipeline_class is not None:
                     attributes["pipeline_class"] = fusion_pipeline_class
             cls = type(f"{class_name}__{variant}", (base,), attributes)
             namespace[cls.__name__] = cls
             derived.append(cls)
     return derived
+
+
+def _run_dummy(test: Any, pipeline_class: type, components: Any) -> Any:
+    """The pipeline's first output on the suite's dummy inputs (classic suites take `(device, seed)`)."""
+    if isinstance(components, tuple):
+        components = components[0]
+    pipe = pipeline_class(**components)
+    pipe.set_progress_bar_config(disable=True)
+    parameters = inspect.signature(test.get_dummy_inputs).parameters
+    inputs = test.get_dummy_inputs("cpu") if "device" in parameters else test.get_dummy_inputs()
+    if isinstance(inputs, tuple):  # the LoRA tests return (noise, input_ids, pipeline_inputs)
+        inputs = inputs[-1]
+    torch.manual_seed(0)
+    output = pipe(**inputs)[0]
+    return torch.as_tensor(output) if not isinstance(output, list) else torch.as_tensor([numpy.asarray(o) for o in output])
+
+
+def _output_equals_stock(base: type):
+    def test_scorefusion_output_equals_stock(self) -> None:
+        """Ours, not upstream: the fusion's output equals the stock pipeline's, bit for bit."""
+        if getattr(base, "get_dummy_inputs", None) is None:
+            return
+        stock = _run_dummy(self, base.pipeline_class, base.get_dummy_components(self))
+        fused = _run_dummy(self, self.pipeline_class, self.get_dummy_components())
+        assert torch.equal(fused, stock), f"max |fusion - stock| = {(fused - stock).abs().max().item():.3g}"
+
+    return test_scorefusion_output_equals_stock
 
 
 def _fused_dummy_components(base: type, variant: str, key: str):
