@@ -44,7 +44,7 @@ class SaveKind:
     What one kind of save writes at the top of its folder.
 
     Args:
-        description (`str`): for messages, e.g. `"a FusedUNet save"`.
+        description (`str`): for messages, e.g. `"FusedUNet save"`.
         commit_file (`str`): the file that makes a save complete; written last, removed first.
         entries_of (`Callable[[dict], Optional[list[str]]]`): the entries a previous save wrote, read from its parsed
             commit file, or `None` when the file is not a save of this kind.
@@ -261,7 +261,7 @@ def previous_entries(folder: str, kind: SaveKind) -> List[str]:
     entries = kind.entries_of(content) if isinstance(content, dict) else None
     if entries is None or not all(is_entry_name(name) for name in entries):
         raise FileExistsError(
-            f"{path} exists and is not {kind.description}; saving would overwrite it: choose another folder, or remove "
+            f"{path} exists and is not from a {kind.description}; saving would overwrite it: choose another folder, or remove "
             "it if it is yours"
         )
     return [name for name in dict.fromkeys([kind.commit_file, *entries]) if os.path.lexists(os.path.join(folder, name))]

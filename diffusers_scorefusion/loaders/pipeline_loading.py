@@ -23,7 +23,7 @@ def pipeline_entries(index: Dict[str, Any]) -> Optional[List[str]]:
             if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None]  # fmt: skip
 
 
-PIPELINE_SAVE = SaveKind(description="a ScoreFusion pipeline save", commit_file=MODEL_INDEX,
+PIPELINE_SAVE = SaveKind(description="ScoreFusion pipeline save", commit_file=MODEL_INDEX,
                          entries_of=pipeline_entries, keep_existing=("README.md",))  # fmt: skip
 
 

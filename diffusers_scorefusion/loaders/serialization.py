@@ -34,7 +34,7 @@ from .fusion_config import (
 from .integrity import folder_digests, verify_digests
 from .loading_utils import load_member, load_member_text_encoder, load_text_encoder, resolve_use_safetensors
 
-FUSION_SAVE = SaveKind(description="a FusedUNet save", commit_file=CONFIG_NAME, entries_of=saved_entries)
+FUSION_SAVE = SaveKind(description="FusedUNet save", commit_file=CONFIG_NAME, entries_of=saved_entries)
 VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 # Keyword arguments Diffusers' pipeline loader passes to a component's from_pretrained.
 FORWARDED_LOAD_KWARGS = ("torch_dtype", "low_cpu_mem_usage", "disable_mmap", "max_memory", "offload_folder",
@@ -142,7 +142,9 @@ def save_fused_unet(
     max_shard_size: Any = "10GB",
     safe_serialization: bool = True,
 ) -> None:
-    """Writes `fused` into `save_directory` (see the module docstring; `.bin` weights with `safe_serialization=False`).
+    """Writes `fused` into `save_directory` (see the module docstring). With `safe_serialization=False` the UNets are
+    `.bin` files; LoRA adapters stay safetensors (their LoRA config lives in the file's header, which `.bin` lacks)
+    and transformers writes text encoders as safetensors whatever is asked.
 
     Everything is checked before anything is written; other files in the folder are left alone.
     """
@@ -158,8 +160,8 @@ def save_fused_unet(
                   if "subfolder" in entry]  # fmt: skip
         for kind, entry, module in parts:
             folder = os.path.join(staging, entry["subfolder"])
-            if isinstance(module, LoraMember):
-                module.save_lora_weights(folder, safe_serialization=safe_serialization)
+            if isinstance(module, LoraMember):  # safetensors always: the adapter's LoRA config is in its header
+                module.save_lora_weights(folder)
             elif kind == "base":
                 save_base_unet(module, folder, max_shard_size=max_shard_size, safe_serialization=safe_serialization,
                                variant=variant)  # fmt: skip

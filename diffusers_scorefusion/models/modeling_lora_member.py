@@ -76,17 +76,15 @@ class LoraMember(nn.Module):
         config = self.base.peft_config[self.adapter_name].to_dict()
         return {key: (sorted(value) if isinstance(value, set) else value) for key, value in config.items()}
 
-    def save_lora_weights(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True) -> None:
-        """Writes this adapter as a Diffusers LoRA folder (`pytorch_lora_weights.safetensors`, keys `unet.*`; `.bin`
-        with `safe_serialization=False`).
+    def save_lora_weights(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Writes this adapter as a Diffusers LoRA folder (`pytorch_lora_weights.safetensors`, keys `unet.*`).
 
         The folder loads with `FusedUNet.from_lora`, `pipe.load_lora_weights` and
         `unet.load_lora_adapter(..., prefix="unet")`.
         """
         StableDiffusionPipeline.save_lora_weights(
-            save_directory, unet_lora_layers=self.lora_state_dict(), unet_lora_adapter_metadata=self.lora_metadata(),
-            safe_serialization=safe_serialization,
-        )  # fmt: skip
+            save_directory, unet_lora_layers=self.lora_state_dict(), unet_lora_adapter_metadata=self.lora_metadata()
+        )
 
     # ----------------------------------------------------------------------------------------------- UNet helpers
     @property
