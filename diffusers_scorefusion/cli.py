@@ -5,7 +5,9 @@
 
 A data folder holds images (`.png`, `.jpg`, `.jpeg`, `.webp`, `.bmp`) with their captions, either as
 `metadata.jsonl` (one JSON object per line with `file_name` and `text`, as Hugging Face `imagefolder`) or, when
-there is no `metadata.jsonl`, as pairs `name.png` + `name.txt`.
+there is no `metadata.jsonl`, as pairs `name.png` + `name.txt`. Every file must lie inside the data folder. Every
+failure exits with status 2 and one sentence naming the file or flag, and writes nothing; `--out` follows the saving
+rules of `pipe.save_pretrained` (other files in the folder stay) and is checked before the fit runs.
 """
 
 import argparse

@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline, fit_weights
 from diffusers_scorefusion.fitting import encode_for_fitting
+from diffusers_scorefusion.loaders.atomic_save import JOURNAL_NAME
 from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
 
 MEMBER = "member_1.diffusers"
@@ -143,6 +144,16 @@ def _pickle_with_code(env):
     return lambda: FusedUNet.from_pretrained(env.saved, verify_weights=False)
 
 
+def _planted_journal(env):
+    """A journal that no save wrote (e.g. unpacked from an archive) naming a file of the user's."""
+    (env.saved / "train.py").write_text("mine")
+    (env.saved / ".scorefusion-saving-x").mkdir()
+    (env.saved / JOURNAL_NAME).write_text(json.dumps({
+        "kind": "FusedUNet save", "staging": ".scorefusion-saving-x", "backup": ".scorefusion-old-x",
+        "commit": "config.json", "old": ["config.json", "train.py"], "new": ["config.json"]}))  # fmt: skip
+    return lambda: FusedUNet.from_pretrained(env.saved)
+
+
 def _deleted_member(env):
     shutil.rmtree(env.saved / MEMBER)
     return lambda: FusedUNet.from_pretrained(env.saved)
@@ -248,6 +259,8 @@ CASES = [
          (env.saved / MEMBER / WEIGHTS).write_bytes(b"\0" * 16), _load(lambda e: e.saved)(env))[1], ValueError,
          "does not match the sha256"),
     Case("deleted member folder", _deleted_member, ValueError, f"its folder '{MEMBER}' is missing"),
+    Case("a planted save journal naming the user's file", _planted_journal, OSError,
+         "names entries that its save did not write"),
     # ---- tampered configs
     Case("member class os.system", _tampered(_member(0, class_name="os.system")), ValueError,
          "records class 'os.system'"),

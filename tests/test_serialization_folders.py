@@ -106,8 +106,9 @@ def test_an_interrupted_swap_is_completed_by_the_next_load(fused, tmp_path):
     (folder / ".scorefusion-old-x").mkdir()
     shutil.move(folder / "config.json", folder / ".scorefusion-old-x" / "config.json")
     names = ["config.json", "member_0.diffusers", "member_1.diffusers"]
-    (folder / JOURNAL_NAME).write_text(json.dumps({"staging": ".scorefusion-saving-x", "backup": ".scorefusion-old-x",
-                                                   "commit": "config.json", "old": names, "new": names}))  # fmt: skip
+    (folder / JOURNAL_NAME).write_text(json.dumps({"kind": "FusedUNet save", "staging": ".scorefusion-saving-x",
+                                                   "backup": ".scorefusion-old-x", "commit": "config.json",
+                                                   "old": names, "new": names}))  # fmt: skip
     with pytest.raises(OSError, match="model_index.json"):  # meanwhile plain Diffusers fails loudly
         DiffusionPipeline.from_pretrained(folder)
     assert _same(FusedUNet.from_pretrained(folder), other)

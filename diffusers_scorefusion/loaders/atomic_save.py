@@ -20,6 +20,7 @@ the leftovers of crashed saves. Loads hold a shared lock, so they wait for a sav
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -55,6 +56,12 @@ class SaveKind:
     commit_file: str
     entries_of: Callable[[Dict[str, Any]], Optional[List[str]]]
     keep_existing: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        KINDS[self.description] = self
+
+
+KINDS: Dict[str, SaveKind] = {}  # by description: a journal names the kind of its save
 
 
 def is_entry_name(name: Any) -> bool:
@@ -131,14 +138,35 @@ def _read_journal(folder: str) -> Optional[Dict[str, Any]]:
     try:
         with open(path, encoding="utf-8") as file:
             journal = json.load(file)
-        names = [journal["staging"], journal["backup"], journal["commit"], *journal["old"], *journal["new"]]
-        valid = (journal["staging"].startswith(STAGING_PREFIX) and journal["backup"].startswith(BACKUP_PREFIX)
-                 and all(isinstance(name, str) and "/" not in name and name not in ("", ".", "..") for name in names))  # fmt: skip
+        names = [journal["commit"], *journal["old"], *journal["new"]]
+        kind = KINDS.get(journal["kind"])
+        valid = (kind is not None and journal["commit"] == kind.commit_file and journal["staging"].startswith(
+            STAGING_PREFIX) and journal["backup"].startswith(BACKUP_PREFIX) and all(is_entry_name(name) for name in names)
+            and all("/" not in journal[key] for key in ("staging", "backup")))  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise OSError(f"the save journal {path} is unreadable ({error}); remove it by hand after checking {folder}")
-    if not valid:
-        raise OSError(f"the save journal {path} names entries outside {folder}; remove it by hand")
+    if not valid or not set(journal["old"]) <= _entries_of_old_save(folder, journal, kind):
+        raise OSError(
+            f"the save journal {path} names entries that its save did not write, or entries outside {folder}; it was "
+            "not written by a save of this package: remove it by hand"
+        )
     return journal
+
+
+def _entries_of_old_save(folder: str, journal: Dict[str, Any], kind: SaveKind) -> set:
+    """What the save being replaced wrote, from its commit file (in the folder, or already in the backup)."""
+    commit = journal["commit"]
+    for path in (os.path.join(folder, journal["backup"], commit), os.path.join(folder, commit)):
+        if commit in journal["old"] and os.path.isfile(path):
+            if path == os.path.join(folder, commit) and not os.path.lexists(os.path.join(folder, journal["staging"], commit)):
+                continue  # that is already the new save's commit file
+            try:
+                with open(path, encoding="utf-8") as file:
+                    entries = kind.entries_of(json.load(file))
+            except (OSError, ValueError, AttributeError):
+                entries = None
+            return {commit, *(entries or [])}
+    return set()
 
 
 def _move(source: str, destination: str) -> None:
@@ -157,6 +185,8 @@ def _roll_forward(folder: str, journal: Dict[str, Any]) -> None:
             _move(os.path.join(folder, name), os.path.join(backup, name))
     for name in [name for name in new if name != commit] + [commit]:
         if os.path.lexists(os.path.join(staging, name)):
+            if os.path.lexists(os.path.join(folder, name)):  # never overwrite what the old save did not hold
+                raise FileExistsError(f"{os.path.join(folder, name)} appeared during the save; nothing was replaced")
             _move(os.path.join(staging, name), os.path.join(folder, name))
     _fsync_folder(folder)
     os.unlink(os.path.join(folder, JOURNAL_NAME))
@@ -301,14 +331,34 @@ def atomic_save(folder: str, write: Callable[[str], None], kind: SaveKind) -> No
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise FileExistsError(f"save_directory {folder!r} is not a folder; expected a new, empty or existing folder")
     recover_legacy(folder, remove=True)
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
+    try:
+        _save_locked(folder, write, kind)
+    except BaseException:
+        if created:  # a failed save into a new folder leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+def _new_folder(parent: str, prefix: str) -> str:
+    """A new folder `parent/prefix<random>`, with the permissions `os.makedirs` gives (`mkdtemp` makes it private)."""
+    for _ in range(100):
+        path = os.path.join(parent, prefix + secrets.token_hex(6))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging folder in {parent}")
+
+
+def _save_locked(folder: str, write: Callable[[str], None], kind: SaveKind) -> None:
     with folder_lock(folder, exclusive=True):
         recover(folder, remove_leftovers=True)
         check_save_target(folder, kind)
-        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # as os.makedirs would create it (mkdtemp makes it private)
+        staging = _new_folder(folder, STAGING_PREFIX)
         try:
             write(staging)
             new = sorted(os.listdir(staging))
@@ -319,7 +369,8 @@ def atomic_save(folder: str, write: Callable[[str], None], kind: SaveKind) -> No
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        journal = {"staging": os.path.basename(staging), "backup": BACKUP_PREFIX + os.path.basename(staging)[len(STAGING_PREFIX):],
+        backup = BACKUP_PREFIX + os.path.basename(staging)[len(STAGING_PREFIX):]
+        journal = {"kind": kind.description, "staging": os.path.basename(staging), "backup": backup,
                    "commit": kind.commit_file, "old": old, "new": new}  # fmt: skip
         try:
             _write_journal(folder, journal)
