@@ -49,7 +49,13 @@ class Recorder:
     it, such as removing leftovers of earlier crashed saves, vary from save to save)."""
 
     def __init__(self, folder, kill_at=None):
-        self.folder, self.kill_at, self.events, self.originals, self.anchor = os.path.realpath(folder), kill_at, [], {}, None
+        self.folder, self.kill_at, self.events, self.originals, self.anchor = (
+            os.path.realpath(folder),
+            kill_at,
+            [],
+            {},
+            None,
+        )
 
     def __enter__(self):
         for name in FS_CALLS:
@@ -120,8 +126,8 @@ def _kill_points(recorder, every):
         indices = [(i, when) for i in renames + [journal_removed] for when in ("before", "after")]
         indices += [(cleanup[k], "before") for k in sorted({0, len(cleanup) // 2, len(cleanup) - 1})]
     else:
-        indices = [(anchor, "before"), (anchor, "after"), (renames[1], "before"), (renames[-1], "before"),
-                   (renames[-1], "after"), (journal_removed, "before"), (cleanup[len(cleanup) // 2], "before")]  # fmt: skip
+        indices = [(anchor, "before"), (anchor, "after"), (renames[1], "before"), (renames[-1], "before")]
+        indices += [(renames[-1], "after"), (journal_removed, "before"), (cleanup[len(cleanup) // 2], "before")]
     return [(i - anchor, when) for i, when in indices]
 
 
@@ -139,7 +145,9 @@ def _crash_everywhere(folder, saves, load, classify, seed, num_random, every=Tru
     assert classify(load(folder)) == 1
     points = _kill_points(recorder, every)
     rng = random.Random(seed)
-    cases = [("point", point) for point in points] + [("delay", rng.uniform(0, 1.3 * duration)) for _ in range(num_random)]
+    cases = [("point", point) for point in points] + [
+        ("delay", rng.uniform(0, 1.3 * duration)) for _ in range(num_random)
+    ]
     for kind, where in cases:
         target = 1 - current
         _run_child(lambda: saves[target](folder), folder, kill_at=where if kind == "point" else None,
@@ -151,6 +159,8 @@ def _crash_everywhere(folder, saves, load, classify, seed, num_random, every=Tru
             expected_new = offset > 0 or (offset == 0 and when == "after")
             assert state == (target if expected_new else current), (where, recorder.events[recorder.anchor + offset])
         assert not (folder / JOURNAL_NAME).exists()  # the load completed any interrupted save
+        leftovers = [name for name in os.listdir(folder) if name.startswith(LEFTOVER_PREFIXES)]
+        assert len(leftovers) <= 2, leftovers  # at most this crash's; each save removes the earlier ones
         assert (folder / "precious.txt").read_text() == "the user's own file"
         current = state
     saves[1 - current](folder)
@@ -161,9 +171,11 @@ def _crash_everywhere(folder, saves, load, classify, seed, num_random, every=Tru
 
 def _fusion_classifier(versions):
     def classify(loaded):
-        matches = [i for i, version in enumerate(versions)
-                   if loaded.config.weights == version.config.weights
-                   and all(torch.equal(a, b) for a, b in zip(_state_dict(loaded).values(), _state_dict(version).values()))]  # fmt: skip
+        def equal(version):
+            pairs = zip(_state_dict(loaded).values(), _state_dict(version).values())
+            return loaded.config.weights == version.config.weights and all(torch.equal(a, b) for a, b in pairs)
+
+        matches = [i for i, version in enumerate(versions) if equal(version)]
         assert len(matches) == 1, "the folder holds neither complete save"
         return matches[0]
 

@@ -207,3 +207,49 @@ def test_a_config_from_the_hub_may_name_only_hub_repos(fused, tmp_path):
         FusedUNet.from_pretrained("someone/fusion")
     with pytest.raises(ValueError, match="a local path"):  # no flag opens a Hub config to local paths
         FusedUNet.from_pretrained("someone/fusion", allow_outside_paths=True)
+
+
+class _Payload:
+    def __reduce__(self):  # unpickling would create the marker folder
+        return (os.makedirs, (os.environ["SCOREFUSION_TEST_MARKER"],))
+
+
+def test_pickles_that_would_run_code_are_refused_everywhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCOREFUSION_TEST_MARKER", str(tmp_path / "ran"))
+    pipe = ScoreFusionPipeline(**get_dummy_components())
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=False)
+    vae = tmp_path / "pipe" / "vae" / "diffusion_pytorch_model.bin"
+    torch.save({**torch.load(vae, weights_only=True), "payload": _Payload()}, vae)
+    with pytest.raises(OSError, match="the pipeline at .*holds Python objects other than tensors"):
+        ScoreFusionPipeline.from_pretrained(tmp_path / "pipe")
+    pytest.importorskip("peft")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    key = "unet.down_blocks.1.attentions.0.proj_in.lora_{}.weight"
+    tensors = {key.format("A"): torch.zeros(4, 64), key.format("B"): torch.zeros(64, 4), "payload": _Payload()}
+    torch.save(tensors, lora / "pytorch_lora_weights.bin")
+    with pytest.raises(OSError, match="LoRA .*holds Python objects other than tensors"):
+        FusedUNet.from_lora(get_dummy_unet(0), [lora], allow_pickle=True)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_failing_swap_is_undone(fused, tmp_path, monkeypatch):
+    """An error (not a crash) half-way through the renames puts the old save back and leaves nothing behind."""
+    folder = tmp_path / "fusion"
+    fused.save_pretrained(folder)
+    (folder / "precious.txt").write_text("mine")
+    before = {name: os.path.getmtime(folder / name) for name in os.listdir(folder)}
+    calls, replace = [], os.replace
+
+    def failing_replace(source, destination):
+        calls.append(source)
+        if len(calls) == 4:  # journal, config.json out, member_0 out, then member_1 fails
+            raise PermissionError(f"cannot move {source}")
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(PermissionError, match="cannot move"):
+        FusedUNet([get_dummy_unet(2), get_dummy_unet(3)]).save_pretrained(folder)
+    monkeypatch.setattr(os, "replace", replace)
+    assert {name: os.path.getmtime(folder / name) for name in os.listdir(folder)} == before
+    assert _same(FusedUNet.from_pretrained(folder), fused)

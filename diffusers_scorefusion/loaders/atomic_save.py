@@ -140,9 +140,14 @@ def _read_journal(folder: str) -> Optional[Dict[str, Any]]:
             journal = json.load(file)
         names = [journal["commit"], *journal["old"], *journal["new"]]
         kind = KINDS.get(journal["kind"])
-        valid = (kind is not None and journal["commit"] == kind.commit_file and journal["staging"].startswith(
-            STAGING_PREFIX) and journal["backup"].startswith(BACKUP_PREFIX) and all(is_entry_name(name) for name in names)
-            and all("/" not in journal[key] for key in ("staging", "backup")))  # fmt: skip
+        valid = (
+            kind is not None
+            and journal["commit"] == kind.commit_file
+            and journal["staging"].startswith(STAGING_PREFIX)
+            and journal["backup"].startswith(BACKUP_PREFIX)
+            and all("/" not in journal[key] for key in ("staging", "backup"))
+            and all(is_entry_name(name) for name in names)
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise OSError(f"the save journal {path} is unreadable ({error}); remove it by hand after checking {folder}")
     if not valid or not set(journal["old"]) <= _entries_of_old_save(folder, journal, kind):
@@ -158,7 +163,9 @@ def _entries_of_old_save(folder: str, journal: Dict[str, Any], kind: SaveKind) -
     commit = journal["commit"]
     for path in (os.path.join(folder, journal["backup"], commit), os.path.join(folder, commit)):
         if commit in journal["old"] and os.path.isfile(path):
-            if path == os.path.join(folder, commit) and not os.path.lexists(os.path.join(folder, journal["staging"], commit)):
+            if path == os.path.join(folder, commit) and not os.path.lexists(
+                os.path.join(folder, journal["staging"], commit)
+            ):
                 continue  # that is already the new save's commit file
             try:
                 with open(path, encoding="utf-8") as file:
@@ -201,7 +208,11 @@ def _roll_back(folder: str, journal: Dict[str, Any]) -> None:
     old = set(journal["old"])
     for name in journal["new"]:
         moved_in = name not in old or os.path.lexists(os.path.join(backup, name))
-        if moved_in and os.path.lexists(os.path.join(folder, name)) and not os.path.lexists(os.path.join(staging, name)):
+        if (
+            moved_in
+            and os.path.lexists(os.path.join(folder, name))
+            and not os.path.lexists(os.path.join(staging, name))
+        ):
             _move(os.path.join(folder, name), os.path.join(staging, name))
     for name in journal["old"]:
         if os.path.lexists(os.path.join(backup, name)):
@@ -237,8 +248,8 @@ def recover_legacy(folder: str, remove: bool = False) -> None:
     leftovers = _legacy_leftovers(folder)
     if not os.path.lexists(folder):
         old_prefix = f".{os.path.basename(os.path.abspath(folder))}.old-"
-        backups = [os.path.join(path, "previous") for path in leftovers
-                   if os.path.basename(path).startswith(old_prefix) and os.path.isdir(os.path.join(path, "previous"))]  # fmt: skip
+        backups = [os.path.join(path, "previous") for path in leftovers if os.path.basename(path).startswith(old_prefix)]
+        backups = [path for path in backups if os.path.isdir(path)]
         if backups:
             os.replace(max(backups, key=os.path.getmtime), folder)
     if remove:
@@ -291,8 +302,8 @@ def previous_entries(folder: str, kind: SaveKind) -> List[str]:
     entries = kind.entries_of(content) if isinstance(content, dict) else None
     if entries is None or not all(is_entry_name(name) for name in entries):
         raise FileExistsError(
-            f"{path} exists and is not from a {kind.description}; saving would overwrite it: choose another folder, or remove "
-            "it if it is yours"
+            f"{path} exists and is not from a {kind.description}; saving would overwrite it: choose another folder, "
+            "or remove it if it is yours"
         )
     return [name for name in dict.fromkeys([kind.commit_file, *entries]) if os.path.lexists(os.path.join(folder, name))]
 
@@ -305,8 +316,8 @@ def check_save_target(folder: str, kind: SaveKind, new_entries: Sequence[str] = 
     if not os.path.isdir(folder):
         return []
     old = previous_entries(folder, kind)
-    foreign = [name for name in new_entries
-               if name not in old and name not in kind.keep_existing and os.path.lexists(os.path.join(folder, name))]  # fmt: skip
+    candidates = [name for name in new_entries if name not in old and name not in kind.keep_existing]
+    foreign = [name for name in candidates if os.path.lexists(os.path.join(folder, name))]
     if foreign:
         raise FileExistsError(
             f"save_directory {folder!r} already holds {foreign}, which the previous {kind.description} did not write; "
@@ -364,12 +375,14 @@ def _save_locked(folder: str, write: Callable[[str], None], kind: SaveKind) -> N
             new = sorted(os.listdir(staging))
             if kind.commit_file not in new:
                 raise RuntimeError(f"the save wrote no {kind.commit_file}; nothing was changed in {folder}")
-            new = [name for name in new if not (name in kind.keep_existing and os.path.lexists(os.path.join(folder, name)))]
+            new = [
+                name for name in new if not (name in kind.keep_existing and os.path.lexists(os.path.join(folder, name)))
+            ]
             old = check_save_target(folder, kind, new)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        backup = BACKUP_PREFIX + os.path.basename(staging)[len(STAGING_PREFIX):]
+        backup = BACKUP_PREFIX + os.path.basename(staging)[len(STAGING_PREFIX) :]
         journal = {"kind": kind.description, "staging": os.path.basename(staging), "backup": backup,
                    "commit": kind.commit_file, "old": old, "new": new}  # fmt: skip
         try:

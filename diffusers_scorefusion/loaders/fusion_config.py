@@ -152,10 +152,14 @@ def _check_text_encoders(config: Dict[str, Any], where: str) -> None:
         if encoder["class_name"] not in TEXT_ENCODER_CLASSES:
             raise ValueError(f"{entry} records class {encoder['class_name']!r}; expected one of {TEXT_ENCODER_CLASSES}")
         if ("subfolder" in encoder) == ("member" in encoder):
-            raise ValueError(f"{entry} must have exactly one of 'subfolder' (saved here) and 'member' (beside a member)")
+            raise ValueError(
+                f"{entry} must have exactly one of 'subfolder' (saved here) and 'member' (beside a member)"
+            )
         check_subfolder(encoder.get("subfolder"), entry, single=True)
         if "member" in encoder and not 0 <= encoder["member"] < config["num_members"]:
-            raise ValueError(f"{entry}: member must be a member index below {config['num_members']}, got {encoder['member']}")
+            raise ValueError(
+                f"{entry}: member must be a member index below {config['num_members']}, got {encoder['member']}"
+            )
         check_digests(encoder.get("sha256", {}), entry)
     if slots is None:
         if num_encoders:

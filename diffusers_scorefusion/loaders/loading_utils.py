@@ -78,7 +78,9 @@ def _member_location(source: str, subfolder: Optional[str], hub_kwargs: Dict[str
         return None
 
 
-def _scheduler_config(source: str, unet_subfolder: Optional[str], hub_kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def _scheduler_config(
+    source: str, unet_subfolder: Optional[str], hub_kwargs: Dict[str, Any]
+) -> Optional[Dict[str, Any]]:
     """The member's training scheduler config (`scheduler/` beside its `unet/`), if it has one."""
     if unet_subfolder is None:
         return None
@@ -120,7 +122,9 @@ def load_member(
     if isinstance(member, (str, os.PathLike)):
         member = {"pretrained_model_name_or_path": os.fspath(member)}
     if not isinstance(member, dict) or "pretrained_model_name_or_path" not in member:
-        raise TypeError(f"a member must be a module, a path or repo id, or a dict with pretrained_model_name_or_path; got {member!r}")
+        raise TypeError(
+            f"a member must be a module, a path or repo id, or a dict with pretrained_model_name_or_path; got {member!r}"
+        )
     unknown = set(member) - {"pretrained_model_name_or_path", "subfolder", "revision", "variant"}
     if unknown:
         raise ValueError(f"unknown keys in member spec {member!r}: {sorted(unknown)}")
@@ -132,7 +136,9 @@ def load_member(
     if member.get("revision") is not None:
         hub_kwargs["revision"] = member["revision"]
     if not os.path.isdir(source) and os.path.exists(source):
-        raise ValueError(f"member path {source!r} is a file; expected a UNet folder, a pipeline folder or a Hub repo id")
+        raise ValueError(
+            f"member path {source!r} is a file; expected a UNet folder, a pipeline folder or a Hub repo id"
+        )
     subfolder = _member_location(source, member.get("subfolder"), hub_kwargs)
     label = f"member {source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     class_name = _read_unet_config(source, subfolder, hub_kwargs, label).get("_class_name", "UNet2DConditionModel")

@@ -19,17 +19,15 @@ def pipeline_entries(index: Dict[str, Any]) -> Optional[List[str]]:
     fused = isinstance(unet, list) and len(unet) == 2 and unet[1] == "FusedUNet"
     if not fused and not str(index.get("_class_name", "")).startswith("ScoreFusion"):
         return None
-    return [name for name, value in index.items()
-            if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None]  # fmt: skip
+    components = [(name, value) for name, value in index.items() if not name.startswith("_")]
+    return [name for name, value in components if isinstance(value, list) and len(value) == 2 and value[0] is not None]
 
 
 PIPELINE_SAVE = SaveKind(description="ScoreFusion pipeline save", commit_file=MODEL_INDEX,
                          entries_of=pipeline_entries, keep_existing=("README.md",))  # fmt: skip
 
 
-def save_pipeline(
-    save: Callable[..., None], save_directory: str, components: Sequence[str], **kwargs: Any
-) -> None:
+def save_pipeline(save: Callable[..., None], save_directory: str, components: Sequence[str], **kwargs: Any) -> None:
     """Runs Diffusers' `save_pretrained` (`save`) into a staging folder and moves the result into `save_directory`.
 
     `components` (the names of the components that will be saved) let a folder that cannot take the save be refused

@@ -199,7 +199,9 @@ def _read_config(source: str, subfolder: Optional[str], hub_kwargs: Dict[str, An
         raise ValueError(f"could not read {where}: {error}") from error
 
 
-def _verify(source: str, subfolder: Optional[str], entry: Dict[str, Any], where: str, hub_kwargs: Dict[str, Any]) -> None:
+def _verify(
+    source: str, subfolder: Optional[str], entry: Dict[str, Any], where: str, hub_kwargs: Dict[str, Any]
+) -> None:
     """Checks a saved folder's files against the sha256 its entry records (saves by 0.1 record none)."""
     if "sha256" not in entry:
         return
@@ -241,7 +243,7 @@ def load_fused_unet(
     use_safetensors: Optional[bool] = None,
     **kwargs: Any,
 ) -> FusedUNet:
-    """Loads a fusion saved by `save_fused_unet` from a local folder or a Hub repo id (see `FusedUNet.from_pretrained`)."""
+    """Loads a fusion saved by `save_fused_unet` from a local folder or a Hub repo id (`FusedUNet.from_pretrained`)."""
     unknown = set(kwargs) - set(FORWARDED_LOAD_KWARGS) - set(IGNORED_LOAD_KWARGS) - {"quantization_config"}
     if unknown:
         raise TypeError(f"FusedUNet.from_pretrained got unexpected keyword arguments {sorted(unknown)}")
@@ -279,7 +281,9 @@ def _load_checked_config(
     num_members = config["num_members"]
     device_maps = device_map if isinstance(device_map, (list, tuple)) else [device_map] * num_members
     if len(device_maps) != num_members:
-        raise ValueError(f"device_map as a list must hold {num_members} entries (one per member), got {len(device_maps)}")
+        raise ValueError(
+            f"device_map as a list must hold {num_members} entries (one per member), got {len(device_maps)}"
+        )
     member_kwargs = {key: kwargs[key] for key in FORWARDED_LOAD_KWARGS if key in kwargs and key not in hub_kwargs}
     member_kwargs["use_safetensors"] = use_safetensors
     verify = _verify if verify_weights else (lambda *args: None)
