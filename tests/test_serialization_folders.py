@@ -253,3 +253,19 @@ def test_a_failing_swap_is_undone(fused, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", replace)
     assert {name: os.path.getmtime(folder / name) for name in os.listdir(folder)} == before
     assert _same(FusedUNet.from_pretrained(folder), fused)
+
+
+def test_a_fusion_saved_by_0_1_loads_and_a_new_save_replaces_it(fused, tmp_path):
+    """0.1 wrote `member_{i}/` folders and no checksums; a save over it removes them, leaving the user's files."""
+    folder = tmp_path / "fusion"
+    fused.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for i, member in enumerate(config["members"]):
+        os.rename(folder / member["subfolder"], folder / f"member_{i}")
+        member["subfolder"] = f"member_{i}"
+        del member["sha256"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "notes.txt").write_text("mine")
+    assert _same(FusedUNet.from_pretrained(folder), fused)
+    fused.save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "member_0.diffusers", "member_1.diffusers", "notes.txt"]

@@ -112,11 +112,10 @@ def fusion_loading_kwargs(
     if text_encoder_class is not None and "text_encoder" not in kwargs:
         dtype = kwargs.get("torch_dtype")
         dtype = dtype.get("text_encoder", dtype.get("default")) if isinstance(dtype, dict) else dtype
-        with loading_pipeline(pretrained_model_name_or_path):
-            kwargs["text_encoder"] = text_encoder_class.from_pretrained(
-                pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=use_safetensors, **hub_kwargs,
-                **({"dtype": dtype} if dtype is not None else {}),
-            )  # fmt: skip
+        kwargs["text_encoder"] = text_encoder_class.from_pretrained(
+            pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=use_safetensors, **hub_kwargs,
+            **({"dtype": dtype} if dtype is not None else {}),
+        )  # fmt: skip
     base_text_encoder = kwargs.get("text_encoder") if text_encoder_class is not None else None
     kwargs["unet"] = build_fused_unet(
         unets, weights, base_text_encoder=base_text_encoder, base_scheduler=base_scheduler,
@@ -205,10 +204,10 @@ class ScoreFusionPipelineMixin:
                 `verify_weights=False` skips the sha256 check of the members and `allow_outside_paths=True` lets it name
                 members anywhere (see `FusedUNet.from_pretrained`).
         """
-        kwargs = fusion_loading_kwargs(
-            pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class
-        )
         with loading_pipeline(pretrained_model_name_or_path, kwargs.get("variant")):
+            kwargs = fusion_loading_kwargs(
+                pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class
+            )
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
