@@ -264,6 +264,8 @@ CASES = [
     # ---- tampered configs
     Case("member class os.system", _tampered(_member(0, class_name="os.system")), ValueError,
          "records class 'os.system'"),
+    Case("member class that differs from its folder's", _tampered(_member(0, class_name="UNet2DModel")), ValueError,
+         "member 0 is recorded as a UNet2DModel but its folder holds a UNet2DConditionModel"),
     Case("member class StableDiffusionPipeline", _tampered(_member(1, class_name="StableDiffusionPipeline")),
          ValueError, "records class 'StableDiffusionPipeline'"),
     Case("member subfolder with ..", _tampered(_member(0, subfolder="../elsewhere")), ValueError,

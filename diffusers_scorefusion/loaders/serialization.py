@@ -322,6 +322,9 @@ def _load_checked_config(
                 unet, _ = load_member(spec, **member_kwargs, **{k: v for k, v in hub_kwargs.items() if k != "revision"})
         except ValueError as error:
             raise ValueError(f"could not load member {i} from {spec}: {error}") from error
+        if type(unet).__name__ != entry["class_name"]:
+            found = type(unet).__name__
+            raise ValueError(f"member {i} is recorded as a {entry['class_name']} but its folder holds a {found}")
         _check_member_config(i, unet, entry["config"])
         members.append(unet)
     encoders = []
