@@ -158,7 +158,8 @@ def fetch_lora_state_dict(
     """Reads a LoRA (folder, `.safetensors` file, Hub repo id or state dict) with Diffusers' LoRA reader.
 
     Returns `(state_dict, network_alphas, metadata)` as `StableDiffusionXLLoraLoaderMixin.lora_state_dict` gives them
-    (Kohya / A1111 keys converted to Diffusers'). Pickle files (`.bin`) are read only with `allow_pickle=True`.
+    (Kohya / A1111 keys converted to Diffusers'). `.bin` files are read only with `allow_pickle=True`, and then with
+    torch's `weights_only=True` loader as Diffusers reads them: a file that would need full unpickling is refused.
     """
     kwargs: Dict[str, Any] = dict(hub_kwargs)
     if isinstance(lora, Mapping):
@@ -172,7 +173,8 @@ def fetch_lora_state_dict(
             source, kwargs["weight_name"] = os.path.split(source)
             if not kwargs["weight_name"].endswith(".safetensors") and not allow_pickle:
                 raise ValueError(
-                    f"LoRA file {lora!r} is not a .safetensors file; pass allow_pickle=True if you trust it"
+                    f"LoRA file {lora!r} is not a .safetensors file; pass allow_pickle=True to read .bin files "
+                    "(through torch's weights_only=True loader, which runs no code)"
                 )
         elif not os.path.isdir(source):
             try:
