@@ -5,15 +5,19 @@
 
 A data folder holds images (`.png`, `.jpg`, `.jpeg`, `.webp`, `.bmp`) with their captions, either as
 `metadata.jsonl` (one JSON object per line with `file_name` and `text`, as Hugging Face `imagefolder`) or, when
-there is no `metadata.jsonl`, as pairs `name.png` + `name.txt`.
+there is no `metadata.jsonl`, as pairs `name.png` + `name.txt`. Every file must lie inside the data folder. Every
+failure exits with status 2 and one sentence naming the file or flag, and writes nothing; `--out` follows the saving
+rules of `pipe.save_pretrained` (other files in the folder stay) and is checked before the fit runs.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
-from typing import List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import PIL.Image
 import torch
@@ -22,25 +26,68 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _inside(data_dir: str, name: Any, where: str) -> str:
+    """The path of `name` in `data_dir`, refusing absolute names and names (or links) that lead outside it."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or name.startswith("~"):
+        raise ValueError(f"{where}: file_name must be a relative path inside the data folder, got {name!r}")
+    root = os.path.realpath(data_dir)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise ValueError(f"{where}: {name!r} lies outside the data folder {data_dir!r}; data files must lie inside it")
+    return path
+
+
+def _read_metadata(data_dir: str, metadata: str) -> Dict[str, str]:
+    """`{file_name: caption}` from `metadata.jsonl`, refusing malformed lines, names outside the folder, duplicates."""
+    captions: Dict[str, str] = {}
+    lines: Dict[str, int] = {}
+    with open(metadata, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                name, caption = entry["file_name"], entry["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"{metadata} line {number} must be a JSON object with file_name and text, got {line.strip()!r}"
+                ) from error
+            where = f"{metadata} line {number}"
+            _inside(data_dir, name, where)
+            if not isinstance(caption, str):
+                raise ValueError(f"{where}: the caption of {name!r} must be a string, got {caption!r}")
+            key = os.path.normpath(name)
+            if key in lines:
+                raise ValueError(f"{where}: {name!r} is listed twice (also on line {lines[key]}); give one caption per image")
+            captions[key], lines[key] = caption, number
+    return captions
+
+
+def _open_image(path: str, name: str) -> PIL.Image.Image:
+    """An RGB copy of an image file; unreadable files and decompression bombs are refused with the file's name."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                return image.convert("RGB")
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise ValueError(f"image {name!r} is refused: {error}") from error
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for unreadable or truncated files
+        raise ValueError(f"image {name!r} could not be read: {error}") from error
+
+
 def read_image_folder(data_dir: Union[str, os.PathLike]) -> Tuple[List[PIL.Image.Image], List[str], List[str]]:
-    """Images (RGB), captions and file names of a data folder, sorted by file name (see the module docstring)."""
+    """Images (RGB), captions and file names of a data folder, sorted by file name (see the module docstring).
+
+    Every file must lie inside the folder (names and links that lead outside are refused), and every image is read
+    before anything else happens.
+    """
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data folder {data_dir!r} does not exist")
     metadata = os.path.join(data_dir, "metadata.jsonl")
     if os.path.isfile(metadata):
-        captions = {}
-        with open(metadata, encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    captions[entry["file_name"]] = entry["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ValueError(
-                        f"{metadata} line {number} must be a JSON object with file_name and text, got {line.strip()!r}"
-                    ) from error
+        captions = _read_metadata(data_dir, metadata)
     else:
         captions = {}
         for name in sorted(os.listdir(data_dir)):
@@ -53,6 +100,7 @@ def read_image_folder(data_dir: Union[str, os.PathLike]) -> Tuple[List[PIL.Image
                     f"image {name!r} in {data_dir!r} has no caption file {stem + '.txt'!r} "
                     "and the folder has no metadata.jsonl"
                 )
+            _inside(data_dir, stem + ".txt", f"caption of {name!r}")
             with open(caption_path, encoding="utf-8") as file:
                 captions[name] = file.read().strip()
     if not captions:
@@ -60,13 +108,10 @@ def read_image_folder(data_dir: Union[str, os.PathLike]) -> Tuple[List[PIL.Image
     names = sorted(captions)
     images = []
     for name in names:
-        path = os.path.join(data_dir, name)
+        path = _inside(data_dir, name, f"image {name!r}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"metadata.jsonl names {name!r}, which is not in {data_dir!r}")
-        if not isinstance(captions[name], str):
-            raise ValueError(f"the caption of {name!r} must be a string, got {captions[name]!r}")
-        with PIL.Image.open(path) as image:
-            images.append(image.convert("RGB"))
+        images.append(_open_image(path, name))
     return images, [captions[name] for name in names], names
 
 
@@ -130,9 +175,36 @@ def _dtype_kwargs(dtype: str) -> dict:
     return {} if dtype == "float32" else {"torch_dtype": DTYPES[dtype]}
 
 
+def _check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device!r}: MPS is not available on this machine")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Checks of the flags both commands share, before anything is loaded or written."""
+    _check_device(args.device)
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"--{flag} must be a positive multiple of 8, got {value}")
+
+
 def _fit(args: argparse.Namespace) -> None:
+    from .loaders.atomic_save import check_save_target
+    from .loaders.pipeline_loading import MODEL_INDEX, PIPELINE_SAVE
     from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 
+    _check_common(args)
+    components = [MODEL_INDEX, "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    check_save_target(os.path.abspath(args.out), PIPELINE_SAVE, components)  # refused before the fit, not after
     images, prompts, names = read_image_folder(args.data)
     print(f"{len(images)} target images from {args.data}", file=sys.stderr)
     pipe = ScoreFusionPipeline.from_pretrained(args.base, unets=args.unet, **_dtype_kwargs(args.dtype)).to(args.device)
@@ -170,8 +242,15 @@ def _sample(args: argparse.Namespace) -> None:
 
     from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 
+    _check_common(args)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.num_inference_steps < 1:
+        raise ValueError(f"--num-inference-steps must be >= 1, got {args.num_inference_steps}")
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out!r} is a file; expected a folder for the PNGs")
     pipe = ScoreFusionPipeline.from_pretrained(args.fusion, **_dtype_kwargs(args.dtype)).to(args.device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     images = pipe(
@@ -196,6 +275,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _fit(args) if args.command == "fit" else _sample(args)
     except (ValueError, TypeError, OSError) as error:
         print(f"scorefusion {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001  (a sentence, never a traceback; the type says where it came from)
+        print(f"scorefusion {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     return 0
 

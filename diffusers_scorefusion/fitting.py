@@ -8,13 +8,12 @@ solved exactly. ``method="sgd"`` is the paper's reference procedure (softmax log
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from .fitting_utils import (
+    check_images,
     check_options,
     member_inputs,
     noised_batches,
@@ -233,12 +232,16 @@ def fit_weights(
         raise TypeError(f"fused must be a FusedUNet, got {type(fused).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_scheduler_matches(fused, noise_scheduler)
     alphas_cumprod = getattr(noise_scheduler, "alphas_cumprod", None)
-    if not isinstance(alphas_cumprod, torch.Tensor):
+    if not isinstance(alphas_cumprod, torch.Tensor) or not hasattr(noise_scheduler, "config"):
         raise TypeError(
-            f"noise_scheduler must have alphas_cumprod (a DDPM-family scheduler), got {type(noise_scheduler).__name__}"
+            "noise_scheduler must be a Diffusers scheduler with alphas_cumprod (a DDPM-family scheduler), got "
+            f"{type(noise_scheduler).__name__} {noise_scheduler!r:.80}"
         )
+    if alphas_cumprod.numel() == 0 or not (torch.isfinite(alphas_cumprod).all() and (alphas_cumprod >= 0).all()
+                                            and (alphas_cumprod <= 1).all()):  # fmt: skip
+        raise ValueError(f"noise_scheduler.alphas_cumprod must be finite numbers in [0, 1], got {alphas_cumprod[:5]}...")
+    check_scheduler_matches(fused, noise_scheduler)
     options = check_options(
         num_noise_draws=num_noise_draws, weighting=weighting, snr_gamma=snr_gamma, num_timestep_bins=num_timestep_bins,
         batch_size=batch_size, num_bootstrap=num_bootstrap, num_epochs=num_epochs, learning_rate=learning_rate,
@@ -334,8 +337,10 @@ def encode_images(
     r"""
     VAE latents of target images and one caption per image, for fitting through a pipeline.
 
-    Images (PIL images, numpy arrays or tensors in [0, 1], or tensors in [-1, 1]) go through the pipeline's
-    `VaeImageProcessor`; latents are the mean of the VAE posterior (deterministic: the same images always give the
+    Images are PIL images (converted to RGB as PIL does), or numpy arrays `(H, W, 3)` / tensors `(3, H, W)` (or
+    batches of them) of uint8 pixels in 0..255 or floats in [0, 1] (or [-1, 1]); anything else is refused (see
+    `fitting_utils.check_images`). Their size, or `height` and `width` (which resize), must be multiples of the VAE
+    factor. They go through the pipeline's `VaeImageProcessor`; latents are the mean of the VAE posterior (deterministic: the same images always give the
     same latents and data fingerprint), shifted by `vae.config.shift_factor` when set and times
     `vae.config.scaling_factor`, in the UNet's dtype. The VAE runs in float32 when `vae.config.force_upcast` (the SDXL
     VAE overflows in float16).
@@ -343,14 +348,7 @@ def encode_images(
     Returns:
         `(latents, prompts)`: `(N, C, h, w)` and a list of N strings.
     """
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            raise ValueError("images is empty: fitting needs at least one target image")
-        sizes = {
-            tuple(image.size) if isinstance(image, PIL.Image.Image) else tuple(np.shape(image)) for image in images
-        }
-        if len(sizes) > 1:
-            raise ValueError(f"all images must have the same size, got {sorted(sizes)}")
+    images = check_images(images, height, width, pipe.image_processor.config.vae_scale_factor)
     pixels = pipe.image_processor.preprocess(images, height=height, width=width)  # (N, 3, H, W) in [-1, 1]
     num_images = pixels.shape[0]
     if num_images == 0:

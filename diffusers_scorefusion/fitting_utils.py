@@ -5,6 +5,7 @@ import numbers
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import PIL.Image
 import torch
 
 from .fusion.fusion_utils import (
@@ -66,6 +67,78 @@ def check_tensor(value: Any, name: str) -> None:
     if not torch.isfinite(value).all():
         bad = (~torch.isfinite(value)).flatten(1).any(1).nonzero().flatten().tolist() if value.ndim > 1 else []
         raise ValueError(f"{name} contains NaN or inf" + (f" (rows {bad[:10]})" if bad else ""))
+
+
+# PIL modes converted to RGB as PIL does (alpha dropped, grey repeated); other modes (16-bit, float) are refused.
+PIL_MODES = ("RGB", "RGBA", "RGBa", "L", "LA", "La", "P", "PA", "1", "CMYK", "YCbCr")
+
+
+def _pil_to_rgb(image: PIL.Image.Image, index: int) -> PIL.Image.Image:
+    if image.mode not in PIL_MODES:
+        raise ValueError(f"images[{index}] has PIL mode {image.mode!r}; expected 8-bit images (modes {PIL_MODES})")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _array_to_unit_range(image: Any, index: int) -> Any:
+    """A numpy array `(H, W, 3)`/`(N, H, W, 3)` or tensor `(3, H, W)`/`(N, 3, H, W)` as floats: uint8 0..255 divided
+    by 255, floats kept in [0, 1] (or [-1, 1], as `VaeImageProcessor` takes them); anything else refused."""
+    is_tensor = isinstance(image, torch.Tensor)
+    shape, layout = tuple(image.shape), "(3, H, W) or (N, 3, H, W)" if is_tensor else "(H, W, 3) or (N, H, W, 3)"
+    channels = (shape[-3] if is_tensor else shape[-1]) if len(shape) in (3, 4) else None
+    if channels != 3:
+        kind = "tensors" if is_tensor else "arrays"
+        raise ValueError(f"images[{index}] has shape {shape}; {kind} must be RGB, {layout} (convert grey or RGBA first)")
+    if 0 in shape:
+        raise ValueError(f"images[{index}] is empty (shape {shape}); fitting needs at least one target image")
+    dtype = str(image.dtype)
+    if dtype in ("uint8", "torch.uint8"):
+        return image.float() / 255 if is_tensor else image.astype(np.float32) / 255
+    if not (image.is_floating_point() if is_tensor else np.issubdtype(image.dtype, np.floating)):
+        raise TypeError(f"images[{index}] has dtype {dtype}; expected uint8 (0..255) or floats in [0, 1]")
+    values = image.detach().float() if is_tensor else torch.from_numpy(np.asarray(image, dtype=np.float32))
+    if not torch.isfinite(values).all():
+        raise ValueError(f"images[{index}] contains NaN or inf")
+    low, high = values.min().item(), values.max().item()
+    if low < -1 or high > 1:
+        raise ValueError(
+            f"images[{index}] has values in [{low:g}, {high:g}]; float images must be in [0, 1] (or [-1, 1]); "
+            "give 0..255 pixels as uint8"
+        )
+    return image
+
+
+def check_images(images: Any, height: Optional[int], width: Optional[int], vae_scale_factor: int) -> List[Any]:
+    """The images as `VaeImageProcessor.preprocess` takes them: PIL images in RGB, or float arrays/tensors of 3
+    channels in [0, 1] (or [-1, 1]); the size (or `height`/`width`, which resize) must be a multiple of
+    `vae_scale_factor`, as the stock pipelines require. Refuses anything else with a sentence."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise ValueError("images is empty: fitting needs at least one target image")
+    kinds = {type(item) for item in items}
+    if not all(isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)) for item in items) or (
+        len({PIL.Image.Image if issubclass(kind, PIL.Image.Image) else kind for kind in kinds}) > 1
+    ):
+        raise TypeError(f"images must be PIL images, numpy arrays or torch tensors (one kind), got {sorted(k.__name__ for k in kinds)}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % vae_scale_factor):
+            raise ValueError(f"{name} must be a positive multiple of {vae_scale_factor} (the VAE factor), got {value!r}")
+    pil = isinstance(items[0], PIL.Image.Image)
+    items = [_pil_to_rgb(item, i) if pil else _array_to_unit_range(item, i) for i, item in enumerate(items)]
+    sizes = {(item.size[1], item.size[0]) if pil else tuple(item.shape[-2:] if isinstance(item, torch.Tensor)
+                                                            else item.shape[-3:-1]) for item in items}  # fmt: skip
+    if len(sizes) > 1 and not (pil and height is not None and width is not None):
+        raise ValueError(
+            f"all images must have the same size (height, width), got {sorted(sizes)}"
+            + ("; pass height= and width= to resize them first" if pil else "")
+        )
+    for image_height, image_width in sizes:
+        target = (height or image_height, width or image_width)
+        if target[0] % vae_scale_factor or target[1] % vae_scale_factor:
+            raise ValueError(
+                f"image size {image_height}x{image_width} is not a multiple of the VAE factor {vae_scale_factor}; "
+                f"pass height= and width= (multiples of {vae_scale_factor}) to resize"
+            )
+    return items
 
 
 def resolve_timestep_range(timestep_range: Union[str, Sequence[int]], alphas_cumprod: torch.Tensor) -> Tuple[int, int]:
@@ -241,6 +314,14 @@ def member_inputs(
             raise ValueError(
                 f"encoder_hidden_states must have one row per sample, shape ({latents.shape[0]}, ...), got "
                 f"{tuple(encoder_hidden_states.shape)}"
+            )
+        width = getattr(fused.config, "cross_attention_dim", None)
+        expected = None if not isinstance(width, int) else width * getattr(fused, "num_encoder_slots", 1)
+        if expected is not None and encoder_hidden_states.shape[-1] != expected:
+            raise ValueError(
+                f"encoder_hidden_states have width {encoder_hidden_states.shape[-1]} (shape "
+                f"{tuple(encoder_hidden_states.shape)}) but the members take cross_attention_dim={width}"
+                + (f" for each of {expected // width} text encoders ({expected})" if expected != width else "")
             )
         member_inputs["encoder_hidden_states"] = encoder_hidden_states
     check_finite_inputs(member_inputs, "unet_kwargs")

@@ -147,3 +147,21 @@ def test_fitted_weights_are_reproducible_from_the_same_folder(model_folders, tmp
     assert torch.equal(outs[0].fusion_weights, outs[1].fusion_weights)
     first, second = (unet.config.weights_provenance for unet in outs)
     assert first["data_fingerprint"] == second["data_fingerprint"] and first["loss"] == second["loss"]
+
+
+def test_fit_resizes_mixed_sizes_and_saves_beside_the_users_files(model_folders, tmp_path):
+    data = tmp_path / "data"
+    write_images(data, ["big.png"], size=48)
+    write_images(data, ["small.png"], size=32)
+    for stem in ("big", "small"):
+        (data / f"{stem}.txt").write_text("a photo")
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    argv = fit_argv(model_folders, data, out, "--num-bootstrap", "0")
+    assert main(argv) == 2  # mixed sizes: refused unless resized
+    assert sorted(os.listdir(out)) == ["precious.txt"]
+    assert main(argv + ["--height", "32", "--width", "32"]) == 0
+    assert (out / "precious.txt").read_text() == "mine"
+    assert "model_index.json" in os.listdir(out) and not [name for name in os.listdir(out) if name.startswith(".")]
+    assert ScoreFusionPipeline.from_pretrained(str(out)).unet.config.weights_provenance["num_samples"] == 2

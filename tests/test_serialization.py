@@ -38,21 +38,21 @@ def fused():
 
 def test_round_trip_is_bit_exact_and_members_are_standard_unet_folders(fused, tmp_path):
     fused.save_pretrained(tmp_path / "fusion")
-    assert sorted(os.listdir(tmp_path / "fusion")) == ["config.json", "member_0", "member_1"]
+    assert sorted(os.listdir(tmp_path / "fusion")) == ["config.json", "member_0.diffusers", "member_1.diffusers"]
     loaded = FusedUNet.from_pretrained(tmp_path / "fusion")
     for key in ("weights", "timestep_bin_edges", "prediction_type", "member_prediction_types", "noise_schedule",
                 "weights_provenance", "num_members"):  # fmt: skip
         assert loaded.config[key] == fused.config[key], key
     sample, timestep, hidden = _inputs()
     assert torch.equal(loaded(sample, timestep, hidden).sample, fused(sample, timestep, hidden).sample)
-    member = UNet2DConditionModel.from_pretrained(tmp_path / "fusion" / "member_1")
+    member = UNet2DConditionModel.from_pretrained(tmp_path / "fusion" / "member_1.diffusers")
     for (name, mine), theirs in zip(member.state_dict().items(), fused.unets[1].state_dict().values()):
         assert torch.equal(mine, theirs), name
 
 
 def test_torch_dtype_and_variant(fused, tmp_path):
     fused.save_pretrained(tmp_path / "fusion", variant="fp16")
-    assert os.path.isfile(tmp_path / "fusion" / "member_0" / "diffusion_pytorch_model.fp16.safetensors")
+    assert os.path.isfile(tmp_path / "fusion" / "member_0.fp16.diffusers" / "diffusion_pytorch_model.fp16.safetensors")
     loaded = FusedUNet.from_pretrained(tmp_path / "fusion", torch_dtype=torch.float16)
     assert loaded.dtype == torch.float16
     assert all(unet.dtype == torch.float16 for unet in loaded.unets)
@@ -197,11 +197,14 @@ def test_member_config_mismatch_is_refused(saved):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupted_weights_are_refused(saved, damage):
-    weights = saved / "member_1" / "diffusion_pytorch_model.safetensors"
+    weights = saved / "member_1.diffusers" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64 + os.urandom(256))
-    with pytest.raises(ValueError, match="could not load member 1"):
+    # the checksum recorded at save time names the file (issue 11); without it the reader still refuses it
+    with pytest.raises(ValueError, match="member 1 .*diffusion_pytorch_model.safetensors does not match the sha256"):
         FusedUNet.from_pretrained(saved)
+    with pytest.raises(ValueError, match="could not load member 1"):
+        FusedUNet.from_pretrained(saved, verify_weights=False)
 
 
 def test_missing_member_is_refused(saved, tmp_path):
@@ -212,23 +215,24 @@ def test_missing_member_is_refused(saved, tmp_path):
         FusedUNet.from_pretrained(saved)
 
 
-def test_pickle_only_member_needs_allow_pickle(saved):
-    member = saved / "member_0"
-    unet = UNet2DConditionModel.from_pretrained(member)
-    os.remove(member / "diffusion_pytorch_model.safetensors")
-    unet.save_pretrained(member, safe_serialization=False)
-    assert os.path.isfile(member / "diffusion_pytorch_model.bin")
-    with pytest.raises(ValueError, match="allow_pickle=True"):
-        FusedUNet.from_pretrained(saved)
-    loaded = FusedUNet.from_pretrained(saved, allow_pickle=True)
-    assert torch.equal(loaded.unets[0].conv_in.weight, unet.conv_in.weight)
+def test_bin_members_load_with_weights_only_and_allow_pickle_false_refuses_them(fused, tmp_path):
+    # Changed by issue 8: `.bin` weights load by default, as Diffusers loads them (torch's weights_only=True loader);
+    # allow_pickle=False now means "safetensors only".
+    fused.save_pretrained(tmp_path / "fusion", safe_serialization=False)
+    member = tmp_path / "fusion" / "member_0.diffusers"
+    assert sorted(os.listdir(member)) == ["config.json", "diffusion_pytorch_model.bin"]
+    loaded = FusedUNet.from_pretrained(tmp_path / "fusion")
+    sample, timestep, hidden = _inputs()
+    assert torch.equal(loaded(sample, timestep, hidden).sample, fused(sample, timestep, hidden).sample)
+    with pytest.raises(ValueError, match="only safetensors were read: allow_pickle=False"):
+        FusedUNet.from_pretrained(tmp_path / "fusion", allow_pickle=False)
 
 
-def test_unknown_load_kwargs_and_pickle_saving_are_refused(fused, saved, tmp_path):
+def test_unknown_load_kwargs_are_refused(fused, saved, tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         FusedUNet.from_pretrained(saved, weights_only=False)
-    with pytest.raises(ValueError, match="safetensors only"):
-        fused.save_pretrained(tmp_path / "other", safe_serialization=False)
+    with pytest.raises(ValueError, match="contradicts use_safetensors=False"):
+        FusedUNet.from_pretrained(saved, allow_pickle=False, use_safetensors=False)
 
 
 def test_push_to_hub_uploads_the_saved_folder(fused, tmp_path, monkeypatch):

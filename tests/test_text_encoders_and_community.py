@@ -85,10 +85,12 @@ def test_embeddings_of_the_wrong_width_are_refused(pipe):
 @pytest.mark.parametrize("reference_only", [False, True])
 def test_text_encoders_survive_save_and_load(pipe, tmp_path, reference_only):
     pipe.unet.save_pretrained(tmp_path / "fusion", reference_only=reference_only)
-    expected_files = ["config.json"] if reference_only else ["config.json", "member_0", "member_1", "member_2",
-                                                             "text_encoder_1", "text_encoder_2"]  # fmt: skip
+    # folder names with a dot, and members outside the folder's parent only with allow_outside_paths (issues 8, 11)
+    expected_files = ["config.json"] if reference_only else ["config.json", "member_0.diffusers", "member_1.diffusers",
+                                                             "member_2.diffusers", "text_encoder_1.transformers",
+                                                             "text_encoder_2.transformers"]  # fmt: skip
     assert sorted(os.listdir(tmp_path / "fusion")) == expected_files
-    loaded = FusedUNet.from_pretrained(tmp_path / "fusion")
+    loaded = FusedUNet.from_pretrained(tmp_path / "fusion", allow_outside_paths=reference_only)
     assert loaded.config.member_encoder_slots == [0, 1, 2]
     reloaded = ScoreFusionPipeline(**{**pipe.components, "unet": loaded})
     reloaded.set_progress_bar_config(disable=True)

@@ -18,10 +18,12 @@ WeightsLike = Union[Sequence[float], Sequence[Sequence[float]], torch.Tensor]
 
 def check_weights(weights: WeightsLike, num_members: int, name: str = "weights") -> torch.Tensor:
     """Validates fusion weights and returns them as a float64 `(num_bins, k)` table (one row if 1-D)."""
+    if _has_non_real(weights):
+        raise TypeError(f"{name} must be real numbers (not booleans or complex numbers), got {weights!r:.200}")
     try:
         table = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"{name} must be a list or tensor of numbers, got {weights!r}") from error
+        raise TypeError(f"{name} must be a list or tensor of numbers, got {weights!r:.200}") from error
     if table.ndim == 1:
         table = table.unsqueeze(0)
     if table.ndim != 2 or table.shape[0] == 0:
@@ -41,6 +43,20 @@ def check_weights(weights: WeightsLike, num_members: int, name: str = "weights")
             f"{table[row].tolist()}"
         )
     return table
+
+
+def _has_non_real(value: object) -> bool:
+    """True for booleans and complex numbers, also inside lists, tuples, tensors and arrays (which torch would cast)."""
+    if isinstance(value, (bool, complex)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:  # torch tensors and numpy arrays or scalars
+        if isinstance(dtype, torch.dtype):
+            return dtype == torch.bool or dtype.is_complex
+        return getattr(dtype, "kind", "") in ("b", "c")  # numpy: bool, complex
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_real(item) for item in value)
+    return False
 
 
 def check_bin_edges(bin_edges: Sequence[float], num_bins: int) -> torch.Tensor:

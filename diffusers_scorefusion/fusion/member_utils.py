@@ -1,5 +1,7 @@
 """Checks and small helpers for `FusedUNet` members: interfaces, noise schedules, prediction types, encoders."""
 
+import math
+import numbers
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,9 +53,56 @@ def noise_schedule_of(scheduler: Union[ConfigMixin, Dict[str, Any]]) -> Dict[str
     for key in NOISE_SCHEDULE_KEYS:
         value = config_get(config, key)
         schedule[key] = NOISE_SCHEDULE_DEFAULTS[key] if value is None else value
-    if schedule["trained_betas"] is not None:
-        schedule["trained_betas"] = [float(beta) for beta in schedule["trained_betas"]]
+    betas = schedule["trained_betas"]
+    if betas is not None:
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__"):
+            raise TypeError(f"trained_betas must be a list of numbers, got {betas!r:.100}")
+        if not all(isinstance(beta, numbers.Real) and not isinstance(beta, bool) for beta in list(betas)):
+            raise TypeError(f"trained_betas must hold real numbers, got {list(betas)[:5]!r}...")
+        schedule["trained_betas"] = [float(beta) for beta in betas]
     return schedule
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_noise_schedule(schedule: Dict[str, Any], name: str = "noise schedule") -> None:
+    """Refuses a noise schedule that would give NaN or out-of-range timesteps: at least one timestep, finite betas in
+    (0, 1) (the last may be 1 with `rescale_betas_zero_snr`), `trained_betas` of length `num_train_timesteps`."""
+    from diffusers import DDPMScheduler  # here: this module's checks otherwise need no Diffusers
+
+    count = schedule["num_train_timesteps"]
+    if not _is_int(count) or count < 1:
+        raise ValueError(f"{name}: num_train_timesteps must be an int >= 1, got {count!r}")
+    for key in ("beta_start", "beta_end"):
+        if not _is_real(schedule[key]) or not 0 < schedule[key] < 1:
+            raise ValueError(f"{name}: {key} must be a finite number in (0, 1), got {schedule[key]!r}")
+    if not isinstance(schedule["rescale_betas_zero_snr"], bool):
+        raise TypeError(f"{name}: rescale_betas_zero_snr must be True or False, got {schedule['rescale_betas_zero_snr']!r}")
+    if not isinstance(schedule["beta_schedule"], str):
+        raise TypeError(f"{name}: beta_schedule must be a string, got {schedule['beta_schedule']!r}")
+    trained = schedule["trained_betas"]
+    if trained is not None and len(trained) != count:
+        raise ValueError(f"{name}: trained_betas has {len(trained)} entries but num_train_timesteps is {count}")
+    try:
+        betas = DDPMScheduler.from_config(schedule).betas.to(torch.float64)
+    except (NotImplementedError, ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(f"{name}: not a schedule Diffusers can build ({error})") from error
+    upper = torch.full_like(betas, 1 - 1e-12)
+    if schedule["rescale_betas_zero_snr"]:
+        upper[-1] = 1.0  # a zero-terminal-SNR schedule reaches beta = 1 at its last timestep
+    bad = (~torch.isfinite(betas)) | (betas <= 0) | (betas > upper)
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{name}: betas must be finite and in (0, 1), got {betas[first].item()!r} at timestep {first} "
+            f"({int(bad.sum())} bad of {betas.numel()})"
+        )
 
 
 def plain(value: Any) -> Any:
@@ -132,6 +181,8 @@ def check_member_schedules(member_schedulers: Optional[Sequence[Any]], num_membe
     if len(member_schedulers) != num_members:
         raise ValueError(f"member_schedulers must hold {num_members} entries (one per member), got {len(member_schedulers)}")
     schedules = [noise_schedule_of(scheduler) for scheduler in member_schedulers]
+    for i, schedule in enumerate(schedules):
+        check_noise_schedule(schedule, f"member {i}'s noise schedule")
     for i, schedule in enumerate(schedules[1:], start=1):
         differing = {key: (schedule[key], schedules[0][key]) for key in schedule if schedule[key] != schedules[0][key]}
         if differing:

@@ -1,4 +1,10 @@
-"""Resolving fusion members given as modules, local folders or Hub repo ids."""
+"""Resolving fusion members given as modules, local folders or Hub repo ids, and loading them with checks.
+
+Weights load as Diffusers and transformers load them: safetensors, or `.bin` files through torch's
+`weights_only=True` loader, which never runs code. A file that would need full unpickling is refused with a sentence
+that names it; a member whose file lacks tensors of its class, or holds tensors it does not have, is refused with the
+tensors' names (stock Diffusers would leave them on the `meta` device).
+"""
 
 import os
 from typing import Any, Dict, Optional, Tuple, Union
@@ -9,10 +15,50 @@ import transformers
 from diffusers import DDPMScheduler
 from torch import nn
 
-# Classes a config may name; nothing else is ever imported from a config.
-MEMBER_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
+from .fusion_config import MEMBER_CLASSES, TEXT_ENCODER_CLASSES
+from .integrity import UnpicklingRefusedError, needs_unpickling, unpickling_refused
 
 MemberSpec = Union[str, os.PathLike, nn.Module, Dict[str, Any]]
+HUB_KEYS = ("cache_dir", "token", "local_files_only")
+
+__all__ = ["MEMBER_CLASSES", "TEXT_ENCODER_CLASSES", "MemberSpec", "load_checked", "load_member",
+           "load_member_text_encoder", "member_source", "resolve_use_safetensors", "same_weights"]  # fmt: skip
+
+
+def resolve_use_safetensors(allow_pickle: Optional[bool], use_safetensors: Optional[bool]) -> Optional[bool]:
+    """`use_safetensors` for Diffusers and transformers from the package's `allow_pickle` (`None`: as Diffusers).
+
+    `allow_pickle=False` reads safetensors only; `True` or `None` also reads `.bin` files, always with
+    `weights_only=True`. Nothing ever unpickles arbitrary objects.
+    """
+    if allow_pickle is not None and not isinstance(allow_pickle, bool):
+        raise TypeError(f"allow_pickle must be True, False or None, got {allow_pickle!r}")
+    if use_safetensors is not None and not isinstance(use_safetensors, bool):
+        raise TypeError(f"use_safetensors must be True, False or None, got {use_safetensors!r}")
+    if allow_pickle is False:
+        if use_safetensors is False:
+            raise ValueError("allow_pickle=False (safetensors only) contradicts use_safetensors=False (.bin only)")
+        return True
+    return use_safetensors
+
+
+def load_checked(model_class: type, source: str, where: str, **kwargs: Any) -> nn.Module:
+    """`model_class.from_pretrained(source, **kwargs)` refusing missing or unexpected tensors and pickled objects."""
+    try:
+        model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    except Exception as error:  # noqa: BLE001  (Diffusers wraps the refusal of a pickle in several error types)
+        if needs_unpickling(error):
+            raise unpickling_refused(error, where) from error
+        raise
+    problems = []
+    for key, label in (("missing_keys", "lacks"), ("unexpected_keys", "holds unexpected"),
+                       ("mismatched_keys", "has wrongly shaped")):  # fmt: skip
+        names = sorted(str(name) for name in (info.get(key) or []))
+        if names:
+            problems.append(f"{label} tensors {names[:8]}" + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
+    if problems:
+        raise ValueError(f"{where}: the weights do not fit {model_class.__name__}: they {'; '.join(problems)}")
+    return model
 
 
 def _is_pipeline_folder(path: str) -> bool:
@@ -32,62 +78,83 @@ def _member_location(source: str, subfolder: Optional[str], hub_kwargs: Dict[str
         return None
 
 
-def _scheduler_config(source: str, unet_subfolder: Optional[str], hub_kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def _scheduler_config(
+    source: str, unet_subfolder: Optional[str], hub_kwargs: Dict[str, Any]
+) -> Optional[Dict[str, Any]]:
     """The member's training scheduler config (`scheduler/` beside its `unet/`), if it has one."""
     if unet_subfolder is None:
         return None
     scheduler_subfolder = os.path.join(os.path.dirname(unet_subfolder.rstrip("/")), "scheduler").lstrip("/")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, scheduler_subfolder, "scheduler_config.json")):
+        return None  # Diffusers would fall back to a config at the root
     try:
         return dict(DDPMScheduler.load_config(source, subfolder=scheduler_subfolder, **hub_kwargs))
     except EnvironmentError:
         return None
 
 
+def _read_unet_config(source: str, subfolder: Optional[str], hub_kwargs: Dict[str, Any], label: str) -> Dict[str, Any]:
+    local = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(local, "config.json")):
+        what = f"folder {subfolder!r} of {source!r}" if subfolder else f"folder {source!r}"
+        raise ValueError(f"{label}: the {what} is missing or holds no config.json")
+    try:
+        config = diffusers.UNet2DConditionModel.load_config(source, subfolder=subfolder, **hub_kwargs)
+    except EnvironmentError as error:
+        raise ValueError(f"could not find a UNet config for {label} (subfolder={subfolder!r}): {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{label}: the UNet config in {source!r} (subfolder={subfolder!r}) is not a JSON object")
+    return config
+
+
 def load_member(
-    member: MemberSpec, allow_pickle: bool = False, **load_kwargs: Any
+    member: MemberSpec, allow_pickle: Optional[bool] = None, **load_kwargs: Any
 ) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
     """Loads one member UNet and, when it comes from a pipeline folder or repo, its scheduler config.
 
     `member` is a module (used as is), a local path or Hub repo id (a UNet folder, or a pipeline whose `unet/`
     is used), or a dict with `pretrained_model_name_or_path` and optional `subfolder`, `revision`, `variant`.
-    Weights load from safetensors only unless `allow_pickle=True`; `load_kwargs` go to `from_pretrained`.
+    Weights load as in Diffusers (safetensors, or `.bin` through `weights_only=True`); `allow_pickle=False` reads
+    safetensors only. `load_kwargs` go to `from_pretrained`.
     """
     if isinstance(member, nn.Module):
         return member, None
     if isinstance(member, (str, os.PathLike)):
         member = {"pretrained_model_name_or_path": os.fspath(member)}
     if not isinstance(member, dict) or "pretrained_model_name_or_path" not in member:
-        raise TypeError(f"a member must be a module, a path or repo id, or a dict with pretrained_model_name_or_path; got {member!r}")
+        raise TypeError(
+            f"a member must be a module, a path or repo id, or a dict with pretrained_model_name_or_path; got {member!r}"
+        )
     unknown = set(member) - {"pretrained_model_name_or_path", "subfolder", "revision", "variant"}
     if unknown:
         raise ValueError(f"unknown keys in member spec {member!r}: {sorted(unknown)}")
-    source = member["pretrained_model_name_or_path"]
-    hub_kwargs = {key: load_kwargs[key] for key in ("cache_dir", "token", "local_files_only") if key in load_kwargs}
+    for key in ("subfolder", "revision", "variant"):
+        if member.get(key) is not None and not isinstance(member[key], str):
+            raise ValueError(f"member spec {key} must be a string or None, got {member[key]!r}")
+    source = os.fspath(member["pretrained_model_name_or_path"])
+    hub_kwargs = {key: load_kwargs[key] for key in HUB_KEYS if key in load_kwargs}
     if member.get("revision") is not None:
         hub_kwargs["revision"] = member["revision"]
     if not os.path.isdir(source) and os.path.exists(source):
-        raise ValueError(f"member path {source!r} is a file; expected a UNet folder, a pipeline folder or a Hub repo id")
+        raise ValueError(
+            f"member path {source!r} is a file; expected a UNet folder, a pipeline folder or a Hub repo id"
+        )
     subfolder = _member_location(source, member.get("subfolder"), hub_kwargs)
-    try:
-        config = diffusers.UNet2DConditionModel.load_config(source, subfolder=subfolder, **hub_kwargs)
-    except EnvironmentError as error:
-        raise ValueError(f"could not find a UNet config for member {source!r} (subfolder={subfolder!r}): {error}") from error
-    class_name = config.get("_class_name", "UNet2DConditionModel")
+    label = f"member {source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    class_name = _read_unet_config(source, subfolder, hub_kwargs, label).get("_class_name", "UNet2DConditionModel")
     if class_name not in MEMBER_CLASSES:
-        raise ValueError(f"member {source!r} is a {class_name!r}; expected one of {MEMBER_CLASSES}")
-    model_class = getattr(diffusers, class_name)
-    load_kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+        raise ValueError(f"{label} is a {class_name!r}; expected one of {MEMBER_CLASSES}")
+    load_kwargs = {key: value for key, value in load_kwargs.items() if key not in hub_kwargs}
+    load_kwargs["use_safetensors"] = resolve_use_safetensors(allow_pickle, load_kwargs.get("use_safetensors"))
     try:
-        unet = model_class.from_pretrained(
-            source, subfolder=subfolder, variant=member.get("variant"), **hub_kwargs,
-            **{key: value for key, value in load_kwargs.items() if key not in hub_kwargs},
-        )  # fmt: skip
+        unet = load_checked(getattr(diffusers, class_name), source, label, subfolder=subfolder,
+                            variant=member.get("variant"), **hub_kwargs, **load_kwargs)  # fmt: skip
+    except UnpicklingRefusedError:
+        raise
     except EnvironmentError as error:
-        hint = "" if allow_pickle else (
-            " If it holds only pickle weights (.bin/.ckpt), pass allow_pickle=True to load them (this unpickles: "
-            "only for sources you trust)."
-        )  # fmt: skip
-        raise ValueError(f"could not load the UNet of {source!r} (subfolder={subfolder!r}): {error}{hint}") from error
+        hint = " (only safetensors were read: allow_pickle=False or use_safetensors=True)" if load_kwargs[
+            "use_safetensors"] else ""  # fmt: skip
+        raise ValueError(f"could not load the UNet of {label}{hint}: {error}") from error
     return unet, _scheduler_config(source, subfolder, hub_kwargs)
 
 
@@ -98,10 +165,21 @@ def member_source(member: MemberSpec) -> Optional[Dict[str, Any]]:
     if isinstance(member, (str, os.PathLike)):
         member = {"pretrained_model_name_or_path": os.fspath(member)}
     keys = ("pretrained_model_name_or_path", "subfolder", "revision", "variant")
-    return {key: member.get(key) for key in keys}
+    return {key: (os.fspath(member[key]) if key == keys[0] else member.get(key)) for key in keys}
 
 
-TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+def load_text_encoder(
+    class_name: str, source: str, subfolder: Optional[str], where: str, torch_dtype: Any = None,
+    allow_pickle: Optional[bool] = None, variant: Optional[str] = None, **hub_kwargs: Any,
+) -> nn.Module:  # fmt: skip
+    """A CLIP text encoder of a recorded class, loaded with the checks of `load_checked`."""
+    if class_name not in TEXT_ENCODER_CLASSES:
+        raise ValueError(f"{where} records class {class_name!r}; expected one of {TEXT_ENCODER_CLASSES}")
+    dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    use_safetensors = resolve_use_safetensors(allow_pickle, hub_kwargs.pop("use_safetensors", None))
+    variant_kwargs = {"variant": variant} if variant is not None else {}
+    return load_checked(getattr(transformers, class_name), source, where, subfolder=subfolder,
+                        use_safetensors=use_safetensors, **variant_kwargs, **hub_kwargs, **dtype)  # fmt: skip
 
 
 def load_member_text_encoder(
@@ -114,25 +192,26 @@ def load_member_text_encoder(
     if isinstance(member, nn.Module):
         return None
     spec = {"pretrained_model_name_or_path": os.fspath(member)} if isinstance(member, (str, os.PathLike)) else member
-    source = spec["pretrained_model_name_or_path"]
-    hub_kwargs = {key: load_kwargs[key] for key in ("cache_dir", "token", "local_files_only") if key in load_kwargs}
+    source = os.fspath(spec["pretrained_model_name_or_path"])
+    hub_kwargs = {key: load_kwargs[key] for key in HUB_KEYS if key in load_kwargs}
     if spec.get("revision") is not None:
         hub_kwargs["revision"] = spec["revision"]
     unet_subfolder = _member_location(source, spec.get("subfolder"), hub_kwargs)
     if unet_subfolder is None or os.path.basename(unet_subfolder.rstrip("/")) != "unet":
         return None
     subfolder = os.path.join(os.path.dirname(unet_subfolder.rstrip("/")), "text_encoder").lstrip("/")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, subfolder, "config.json")):
+        return None
     try:
         config = transformers.PretrainedConfig.get_config_dict(source, subfolder=subfolder, **hub_kwargs)[0]
     except EnvironmentError:
         return None
-    class_name = (config.get("architectures") or ["CLIPTextModel"])[0]
-    if class_name not in TEXT_ENCODER_CLASSES:
-        raise ValueError(f"member {source!r} has a text encoder of class {class_name!r}; expected one of {TEXT_ENCODER_CLASSES}")
-    dtype = {"dtype": load_kwargs["torch_dtype"]} if load_kwargs.get("torch_dtype") is not None else {}
-    encoder = getattr(transformers, class_name).from_pretrained(
-        source, subfolder=subfolder, use_safetensors=None if load_kwargs.get("allow_pickle") else True, **hub_kwargs, **dtype
-    )
+    architectures = config.get("architectures") or ["CLIPTextModel"]
+    class_name = architectures[0] if isinstance(architectures, list) else architectures
+    encoder = load_text_encoder(
+        class_name, source, subfolder, f"the text encoder of member {source!r}", load_kwargs.get("torch_dtype"),
+        load_kwargs.get("allow_pickle"), use_safetensors=load_kwargs.get("use_safetensors"), **hub_kwargs,
+    )  # fmt: skip
     return None if reference is not None and same_weights(encoder, reference) else encoder
 
 

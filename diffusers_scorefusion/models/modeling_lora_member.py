@@ -15,6 +15,8 @@ from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
+from ..loaders.integrity import needs_unpickling, unpickling_refused
+
 LoraSpec = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
 # Prefixes of a Diffusers pipeline-format LoRA file (`pytorch_lora_weights.safetensors`).
@@ -125,17 +127,24 @@ def base_state_dict(base: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save_base_unet(
-    base: nn.Module, save_directory: Union[str, os.PathLike], max_shard_size: Union[int, str] = "10GB"
+    base: nn.Module,
+    save_directory: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "10GB",
+    safe_serialization: bool = True,
+    variant: Optional[str] = None,
 ) -> None:
-    """Writes the shared base UNet without its adapters as a standard Diffusers UNet folder (safetensors, sharded
-    like `ModelMixin.save_pretrained`); `UNet2DConditionModel.from_pretrained` loads it."""
+    """Writes the shared base UNet without its adapters as a standard Diffusers UNet folder (file names, shards and
+    variant as `ModelMixin.save_pretrained` writes them); `UNet2DConditionModel.from_pretrained` loads it."""
     from huggingface_hub import save_torch_state_dict
 
     os.makedirs(save_directory, exist_ok=True)
     base.save_config(save_directory)
+    extension = "safetensors" if safe_serialization else "bin"
+    name = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
     save_torch_state_dict(
-        base_state_dict(base), save_directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-        max_shard_size=max_shard_size, metadata={"format": "pt"},
+        base_state_dict(base), save_directory, filename_pattern=f"{name}{{suffix}}.{extension}",
+        max_shard_size=max_shard_size, safe_serialization=safe_serialization,
+        metadata={"format": "pt"} if safe_serialization else None,
     )  # fmt: skip
 
 
@@ -149,13 +158,14 @@ def fetch_lora_state_dict(
     """Reads a LoRA (folder, `.safetensors` file, Hub repo id or state dict) with Diffusers' LoRA reader.
 
     Returns `(state_dict, network_alphas, metadata)` as `StableDiffusionXLLoraLoaderMixin.lora_state_dict` gives them
-    (Kohya / A1111 keys converted to Diffusers'). Pickle files (`.bin`) are read only with `allow_pickle=True`.
+    (Kohya / A1111 keys converted to Diffusers'). `.bin` files are read only with `allow_pickle=True`, and then with
+    torch's `weights_only=True` loader as Diffusers reads them: a file that would need full unpickling is refused.
     """
     kwargs: Dict[str, Any] = dict(hub_kwargs)
     if isinstance(lora, Mapping):
         bad = [key for key, value in lora.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
         if bad or not lora:
-            raise ValueError(f"a LoRA state dict must map names to tensors and not be empty; bad entries: {bad[:3]}")
+            raise TypeError(f"a LoRA state dict must map names to tensors and not be empty; bad entries: {bad[:3]}")
         source = dict(lora)
     elif isinstance(lora, (str, os.PathLike)):
         source = os.fspath(lora)
@@ -163,7 +173,8 @@ def fetch_lora_state_dict(
             source, kwargs["weight_name"] = os.path.split(source)
             if not kwargs["weight_name"].endswith(".safetensors") and not allow_pickle:
                 raise ValueError(
-                    f"LoRA file {lora!r} is not a .safetensors file; pass allow_pickle=True if you trust it"
+                    f"LoRA file {lora!r} is not a .safetensors file; pass allow_pickle=True to read .bin files "
+                    "(through torch's weights_only=True loader, which runs no code)"
                 )
         elif not os.path.isdir(source):
             try:
@@ -178,7 +189,11 @@ def fetch_lora_state_dict(
         state_dict, network_alphas, metadata = StableDiffusionXLLoraLoaderMixin.lora_state_dict(
             source, return_lora_metadata=True, **kwargs
         )
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001  (Diffusers wraps a refused pickle in several error types)
+        if needs_unpickling(error):
+            raise unpickling_refused(error, f"LoRA {_describe(lora)}") from error
+        if not isinstance(error, (OSError, ValueError)):
+            raise
         hint = "" if allow_pickle else " (only .safetensors files are read unless allow_pickle=True)"
         raise ValueError(f"could not read LoRA {_describe(lora)}{hint}: {error}") from error
     return dict(state_dict), network_alphas, metadata
@@ -201,6 +216,31 @@ def _unet_part(state_dict: Dict[str, torch.Tensor], metadata: Optional[Dict[str,
         raise ValueError(f"LoRA {name} mixes `unet.` keys with keys starting {sorted(prefixes - {UNET_PREFIX})}")
     # Every key to PEFT names (`lora.down` -> `lora_A`); Diffusers converts only if the first key needs it.
     return convert_unet_state_dict_to_peft(state_dict), metadata
+
+
+def _check_tensors(state_dict: Dict[str, torch.Tensor], name: str) -> None:
+    """Refuses LoRA tensors that are not floating point, `lora_A`/`lora_B` weights that are not matrices (or conv
+    kernels), and an A without its B (or a B without its A)."""
+    not_float = sorted(key for key, value in state_dict.items() if not value.is_floating_point())
+    if not_float:
+        raise TypeError(
+            f"LoRA {name} holds tensors that are not floating point: {not_float[:3]} "
+            f"({state_dict[not_float[0]].dtype}); LoRA weights must be float16, bfloat16 or float32"
+        )
+    pairs: Dict[str, set] = {}
+    for key, value in state_dict.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            module, part = key.rsplit(".lora_", 1)
+            if part.endswith("weight") and value.ndim not in (2, 4):
+                raise ValueError(
+                    f"LoRA {name}: {key} has shape {tuple(value.shape)}; lora_A and lora_B weights must be matrices "
+                    "(2-D) or convolution kernels (4-D)"
+                )
+            if part[1:] == ".weight":  # (lora_B may also carry a bias)
+                pairs.setdefault(module, set()).add(part[0])
+    unpaired = sorted(f"{module} (only lora_{''.join(parts)})" for module, parts in pairs.items() if len(parts) != 2)
+    if unpaired:
+        raise ValueError(f"LoRA {name} lacks the lora_A or lora_B half of {unpaired[:3]}")
 
 
 def _check_targets(base: nn.Module, state_dict: Dict[str, torch.Tensor], name: str) -> None:
@@ -264,6 +304,7 @@ def load_lora_members(
         label = f"{i} ({_describe(lora)})"
         state_dict, network_alphas, metadata = fetch_lora_state_dict(lora, allow_pickle=allow_pickle, **hub_kwargs)
         state_dict, metadata = _unet_part(state_dict, metadata, label)
+        _check_tensors(state_dict, label)
         _check_targets(base_unet, state_dict, label)
         prepared.append((label, state_dict, network_alphas, metadata))
     loaded = []

@@ -15,15 +15,21 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..fitting import FitResult, encode_for_fitting, fit_weights
 from ..fusion.fusion_utils import WeightsLike
-from ..loaders.loading_utils import MemberSpec, load_member, load_member_text_encoder, member_source
+from ..loaders.loading_utils import (
+    MemberSpec,
+    load_member,
+    load_member_text_encoder,
+    member_source,
+    resolve_use_safetensors,
+)
+from ..loaders.pipeline_loading import loading_pipeline, save_pipeline
 from ..models.modeling_fused_unet import FusedUNet, check_scheduler_matches
-from ..loaders.serialization import save_atomically
 
 
 def build_fused_unet(
     unets: Sequence[MemberSpec],
     weights: Optional[WeightsLike] = None,
-    allow_pickle: bool = False,
+    allow_pickle: Optional[bool] = None,
     base_text_encoder: Optional[torch.nn.Module] = None,
     base_scheduler: Optional[Dict[str, Any]] = None,
     **load_kwargs: Any,
@@ -32,8 +38,11 @@ def build_fused_unet(
 
     Members given as pipeline folders or repos bring their scheduler (its noise schedule and prediction type) and,
     when `base_text_encoder` is given and theirs differs from it, their own text encoder. Members without a scheduler
-    of their own use `base_scheduler` (fine-tunes of the base model) when it is given.
+    of their own use `base_scheduler` (fine-tunes of the base model) when it is given. Weights load as Diffusers
+    loads them (`allow_pickle=False`: safetensors only).
     """
+    if isinstance(unets, (str, os.PathLike, torch.nn.Module, dict)) or len(unets) == 0:
+        raise ValueError(f"unets must be a non-empty list of members, got {unets!r:.200}")
     members, schedulers = zip(*(load_member(unet, allow_pickle=allow_pickle, **load_kwargs) for unet in unets))
     encoders = None
     if base_text_encoder is not None:
@@ -63,40 +72,55 @@ def fusion_loading_kwargs(
     kwargs: Dict[str, Any],
     text_encoder_class: Optional[type] = None,
 ) -> Dict[str, Any]:
-    """The `DiffusionPipeline.from_pretrained` kwargs of a fusion pipeline: safetensors unless `allow_pickle`, and
-    with `unets`, a `FusedUNet` of them as `unet` (members without a scheduler get the base model's).
+    """The `DiffusionPipeline.from_pretrained` kwargs of a fusion pipeline: weights as Diffusers loads them (safetensors
+    only with `allow_pickle=False`), and with `unets`, a `FusedUNet` of them as `unet` (members without a scheduler
+    get the base model's). `verify_weights` and `allow_outside_paths` reach a saved fusion's `FusedUNet.from_pretrained`.
 
     With `text_encoder_class`, the base's text encoder is loaded first, so members whose own equals it share it.
     """
     kwargs = dict(kwargs)
-    allow_pickle = kwargs.pop("allow_pickle", False)
-    kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+    use_safetensors = resolve_use_safetensors(kwargs.pop("allow_pickle", None), kwargs.pop("use_safetensors", None))
+    if use_safetensors is not None:
+        kwargs["use_safetensors"] = use_safetensors
+    fusion_options = {key: kwargs.pop(key) for key in ("verify_weights", "allow_outside_paths") if key in kwargs}
     if unets is None:
         if weights is not None:
             raise ValueError("weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()")
+        if fusion_options and "unet" not in kwargs:  # Diffusers would not pass them on: load the fusion here
+            dtype = kwargs.get("torch_dtype")
+            dtype = dtype.get("unet", dtype.get("default")) if isinstance(dtype, dict) else dtype
+            load = {key: kwargs[key] for key in ("cache_dir", "token", "local_files_only", "revision", "use_safetensors")
+                    if key in kwargs}  # fmt: skip
+            kwargs["unet"] = FusedUNet.from_pretrained(pretrained_model_name_or_path, subfolder="unet",
+                                                       torch_dtype=dtype, **load, **fusion_options)  # fmt: skip
         return kwargs
+    if fusion_options:
+        raise ValueError(f"{sorted(fusion_options)} apply to a saved fusion; with unets= the members load as given")
     if "unet" in kwargs:
         raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
     hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "token", "local_files_only", "revision") if key in kwargs}
     member_kwargs = {
         key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs
     }
+    if isinstance(member_kwargs.get("torch_dtype"), dict):  # Diffusers' per-component dtypes
+        member_kwargs["torch_dtype"] = kwargs["torch_dtype"].get("unet", kwargs["torch_dtype"].get("default"))
     base_scheduler = None
     if "scheduler" not in kwargs:
         base_scheduler = dict(
             DDPMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", **hub_kwargs)
         )
     if text_encoder_class is not None and "text_encoder" not in kwargs:
-        dtype = {"dtype": kwargs["torch_dtype"]} if kwargs.get("torch_dtype") is not None else {}
+        dtype = kwargs.get("torch_dtype")
+        dtype = dtype.get("text_encoder", dtype.get("default")) if isinstance(dtype, dict) else dtype
         kwargs["text_encoder"] = text_encoder_class.from_pretrained(
-            pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=None if allow_pickle else True,
-            **hub_kwargs, **dtype,
+            pretrained_model_name_or_path, subfolder="text_encoder", use_safetensors=use_safetensors, **hub_kwargs,
+            **({"dtype": dtype} if dtype is not None else {}),
         )  # fmt: skip
     base_text_encoder = kwargs.get("text_encoder") if text_encoder_class is not None else None
     kwargs["unet"] = build_fused_unet(
-        unets, weights, allow_pickle=allow_pickle, base_text_encoder=base_text_encoder, base_scheduler=base_scheduler,
-        **member_kwargs,
-    )
+        unets, weights, base_text_encoder=base_text_encoder, base_scheduler=base_scheduler,
+        use_safetensors=use_safetensors, **member_kwargs,
+    )  # fmt: skip
     return kwargs
 
 
@@ -173,18 +197,25 @@ class ScoreFusionPipelineMixin:
                 scheduler of their own get the base's noise schedule.
             weights (`list[float]`, *optional*):
                 The fusion weights (uniform by default).
-            kwargs: passed to `DiffusionPipeline.from_pretrained`; `torch_dtype`, `cache_dir`, `token` and
-                `local_files_only` also apply to the members. Weights load from safetensors only unless
-                `allow_pickle=True`.
+            kwargs: passed to `DiffusionPipeline.from_pretrained`; `torch_dtype`, `cache_dir`, `token`,
+                `local_files_only` and `use_safetensors` also apply to the members. Weights load as Diffusers loads
+                them: safetensors, or `.bin` files through torch's `weights_only=True` loader (a file that would need
+                full unpickling is refused); `allow_pickle=False` reads safetensors only. For a saved fusion pipeline,
+                `verify_weights=False` skips the sha256 check of the members and `allow_outside_paths=True` lets it name
+                members anywhere (see `FusedUNet.from_pretrained`).
         """
-        kwargs = fusion_loading_kwargs(
-            pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class
-        )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with loading_pipeline(pretrained_model_name_or_path, kwargs.get("variant")):
+            kwargs = fusion_loading_kwargs(
+                pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class
+            )
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
-        """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
-        save_atomically(super().save_pretrained, save_directory, **kwargs)
+        """`DiffusionPipeline.save_pretrained` (same arguments: `safe_serialization`, `variant`, `push_to_hub`, ...),
+        crash-safe: after a failure or a crash at any instant the folder holds the complete earlier save or the
+        complete new one. Files in the folder that no ScoreFusion pipeline save wrote are left alone."""
+        components = [name for name, component in self.components.items() if component is not None]
+        save_pipeline(super().save_pretrained, save_directory, components, **kwargs)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Gives each pipeline class a `__call__` with the stock pipeline's own signature plus `fusion_weights`."""
