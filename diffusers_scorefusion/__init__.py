@@ -5,6 +5,7 @@ from diffusers.models.modeling_utils import ModelMixin  # Diffusers looks this n
 from . import modeling_fused_unet  # noqa: F401  (the 0.1 on-disk path of FusedUNet; Diffusers resolves it in sys.modules)
 from .fitting import FitResult, fit_weights
 from .fusion.fusion_utils import check_weights, combine_predictions, convert_prediction, solve_simplex_qp
+from .models.modeling_fused_transformer import FusedTransformer
 from .models.modeling_fused_unet import FusedUNet
 from .models.modeling_lora_member import LoraMember
 from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
@@ -30,6 +31,7 @@ _register_with_diffusers()
 
 __all__ = [
     "FitResult",
+    "FusedTransformer",
     "FusedUNet",
     "LoraMember",
     "ModelMixin",
