@@ -1,4 +1,4 @@
-"""Tiny, seeded, offline parts of transformer pipelines (SD3, Flux, PixArt-Sigma, Sana) for tests, examples and
+"""Tiny, seeded, offline parts of transformer pipelines (SD3, Flux, Chroma, PixArt-Sigma, Sana) for tests, examples and
 benchmarks: random weights, tokenizers built in memory (no download, no sentencepiece)."""
 
 import string
@@ -8,6 +8,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    ChromaTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
@@ -76,6 +77,22 @@ def get_dummy_flux_components(seed: int = 0, **transformer_overrides: Any) -> Di
     return dict(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, tokenizer=get_dummy_tokenizer(),
                 text_encoder_2=get_dummy_t5_encoder(seed), tokenizer_2=get_dummy_t5_tokenizer(),
                 transformer=get_dummy_flux_transformer(seed, **transformer_overrides),
+                vae=get_dummy_flow_vae(seed, latent_channels=1), image_encoder=None, feature_extractor=None)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- Chroma
+def get_dummy_chroma_transformer(seed: int = 0) -> ChromaTransformer2DModel:
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    axes_dims_rope=[4, 4, 8], approximator_hidden_dim=32, approximator_layers=1,
+                                    approximator_num_channels=16).eval()  # fmt: skip
+
+
+def get_dummy_chroma_components(seed: int = 0) -> Dict[str, Any]:
+    """Components of a tiny `ChromaPipeline` (a Flux derivative with a T5 encoder only)."""
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=get_dummy_t5_encoder(seed),
+                tokenizer=get_dummy_t5_tokenizer(), transformer=get_dummy_chroma_transformer(seed),
                 vae=get_dummy_flow_vae(seed, latent_channels=1), image_encoder=None, feature_extractor=None)  # fmt: skip
 
 
