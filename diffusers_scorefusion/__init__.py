@@ -9,6 +9,8 @@ from .models.modeling_fused_transformer import FusedTransformer
 from .models.modeling_fused_unet import FusedUNet
 from .models.modeling_lora_member import LoraMember
 from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
+from .pipelines.pipeline_score_fusion_flux import ScoreFusionFluxPipeline
+from .pipelines.pipeline_score_fusion_sd3 import ScoreFusionSD3Pipeline
 from .pipelines.pipeline_score_fusion_xl import ScoreFusionXLPipeline
 
 __version__ = "0.1.0"
@@ -22,7 +24,7 @@ def _register_with_diffusers() -> None:
     """
     import diffusers
 
-    for pipeline_class in (ScoreFusionPipeline, ScoreFusionXLPipeline):
+    for pipeline_class in (ScoreFusionPipeline, ScoreFusionXLPipeline, ScoreFusionSD3Pipeline, ScoreFusionFluxPipeline):
         if not hasattr(diffusers, pipeline_class.__name__):
             setattr(diffusers, pipeline_class.__name__, pipeline_class)
 
@@ -35,7 +37,9 @@ __all__ = [
     "FusedUNet",
     "LoraMember",
     "ModelMixin",
+    "ScoreFusionFluxPipeline",
     "ScoreFusionPipeline",
+    "ScoreFusionSD3Pipeline",
     "ScoreFusionXLPipeline",
     "check_weights",
     "combine_predictions",

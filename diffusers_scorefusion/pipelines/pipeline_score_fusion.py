@@ -1,7 +1,7 @@
 """`ScoreFusionPipeline`: Stable Diffusion text-to-image sampling from the KL barycenter of several UNets."""
 
 import os
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
@@ -58,21 +58,27 @@ def fusion_loading_kwargs(
     weights: Optional[WeightsLike],
     kwargs: Dict[str, Any],
     text_encoder_class: Optional[type] = None,
+    component: str = "unet",
+    build_fusion: Callable[..., Any] = build_fused_unet,
 ) -> Dict[str, Any]:
     """The `DiffusionPipeline.from_pretrained` kwargs of a fusion pipeline: safetensors unless `allow_pickle`, and
-    with `unets`, a `FusedUNet` of them as `unet` (members without a scheduler get the base model's).
+    with members (`unets`), a fusion of them (`build_fusion`: a `FusedUNet` by default) as `component` (`"unet"`;
+    `"transformer"` for transformer pipelines). Members without a scheduler get the base model's.
 
     With `text_encoder_class`, the base's text encoder is loaded first, so members whose own equals it share it.
     """
     kwargs = dict(kwargs)
     allow_pickle = kwargs.pop("allow_pickle", False)
     kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+    members_name = f"{component}s"
     if unets is None:
         if weights is not None:
-            raise ValueError("weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()")
+            raise ValueError(
+                f"weights= needs {members_name}=; to change a loaded fusion's weights use pipe.{component}.set_weights()"
+            )
         return kwargs
-    if "unet" in kwargs:
-        raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
+    if component in kwargs:
+        raise ValueError(f"pass either {component}= (a fusion) or {members_name}= (its members), not both")
     hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "token", "local_files_only", "revision") if key in kwargs}
     member_kwargs = {
         key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs
@@ -89,7 +95,7 @@ def fusion_loading_kwargs(
             **hub_kwargs, **dtype,
         )  # fmt: skip
     base_text_encoder = kwargs.get("text_encoder") if text_encoder_class is not None else None
-    kwargs["unet"] = build_fused_unet(
+    kwargs[component] = build_fusion(
         unets, weights, allow_pickle=allow_pickle, base_text_encoder=base_text_encoder, base_scheduler=base_scheduler,
         **member_kwargs,
     )
@@ -98,13 +104,17 @@ def fusion_loading_kwargs(
 
 class ScoreFusionPipelineMixin:
     r"""
-    What the ScoreFusion pipelines add to a Diffusers pipeline class whose `unet` is a [`FusedUNet`]: loading from a
-    base model plus member UNets, `fusion_weights=` per call, the scheduler check, atomic saves. Put it first in the
+    What the ScoreFusion pipelines add to a Diffusers pipeline class whose denoiser is a fusion ([`FusedUNet`] as
+    `unet`; [`FusedTransformer`] as `transformer` with `ScoreFusionTransformerPipelineMixin`): loading from a base
+    model plus members, `fusion_weights=` per call, the scheduler check, fitting, atomic saves. Put it first in the
     bases (`class P(ScoreFusionPipelineMixin, StableDiffusionPipeline)`).
     """
 
     # The base's text encoder class when members may bring their own (`None`: members share the pipeline's).
     member_text_encoder_class: Optional[type] = None
+    # The pipeline component that is the fusion, and the check of the pipeline's scheduler against it.
+    fused_component = "unet"
+    scheduler_check = staticmethod(check_scheduler_matches)
 
     @classmethod
     def from_pretrained(
@@ -132,9 +142,17 @@ class ScoreFusionPipelineMixin:
                 `local_files_only` also apply to the members. Weights load from safetensors only unless
                 `allow_pickle=True`.
         """
-        kwargs = fusion_loading_kwargs(
-            pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class
-        )
+        return cls._from_base(pretrained_model_name_or_path, unets, weights, kwargs)
+
+    @classmethod
+    def _fusion_loading_kwargs(cls, pretrained_model_name_or_path, members, weights, kwargs) -> Dict[str, Any]:
+        return fusion_loading_kwargs(pretrained_model_name_or_path, members, weights, kwargs,
+                                     cls.member_text_encoder_class)  # fmt: skip
+
+    @classmethod
+    def _from_base(cls, pretrained_model_name_or_path, members, weights, kwargs: Dict[str, Any]):
+        """`DiffusionPipeline.from_pretrained` with the fusion of `members` (if given) as the fused component."""
+        kwargs = cls._fusion_loading_kwargs(pretrained_model_name_or_path, members, weights, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
@@ -149,14 +167,15 @@ class ScoreFusionPipelineMixin:
         Args:
             fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
                 Weights for this call only, shape `(k,)` (or the stored `(num_bins, k)` table's shape); on the simplex.
-                Defaults to `unet.fusion_weights`.
+                Defaults to the fusion's `fusion_weights`.
 
         Returns:
-            The parent pipeline's output (`StableDiffusionPipelineOutput` / `StableDiffusionXLPipelineOutput`), or a
-            tuple with `return_dict=False`.
+            The parent pipeline's output (e.g. `StableDiffusionPipelineOutput`, `FluxPipelineOutput`), or a tuple with
+            `return_dict=False`.
         """
-        check_scheduler_matches(self.unet, self.scheduler)
-        with self.unet.override_weights(fusion_weights):
+        fused = getattr(self, self.fused_component)
+        self.scheduler_check(fused, self.scheduler)
+        with fused.override_weights(fusion_weights):
             return super().__call__(*args, **kwargs)
 
     def fit_weights(
@@ -168,25 +187,28 @@ class ScoreFusionPipelineMixin:
         **options: Any,
     ) -> FitResult:
         r"""
-        Fits the fusion weights to target images and their captions, and sets them on `self.unet` (see [`fit_weights`]).
+        Fits the fusion weights to target images and their captions, and sets them on the fusion (see [`fit_weights`]).
 
         Args:
             images (PIL images, numpy arrays or tensors): the target images, all of one size; pixel values in [0, 1]
                 (tensors in [-1, 1] are also accepted), as for `VaeImageProcessor.preprocess`.
             prompts (`str` or `list[str]`): one caption per image, or one for all.
             height, width (`int`, *optional*): resize to this size first (default: the images' size).
-            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...).
+            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...), and the
+                pipeline's own encoding options where it has some (Flux: `guidance_scale`, `max_sequence_length`).
 
         Latents are the VAE posterior means (shifted and scaled as the VAE config says); prompts are encoded without
         classifier-free guidance, as the pipeline's `encode_for_fitting` does. The noise schedule is `self.scheduler`'s.
         """
-        latents, prompt_embeds, unet_kwargs = self._fitting_inputs(images, prompts, height, width)
-        if unet_kwargs is not None and "unet_kwargs" in options:
+        latents, prompt_embeds, computed = self._fitting_inputs(images, prompts, height, width, options)
+        clash = sorted(set(computed) & set(options))
+        if clash:
             raise ValueError(
-                "unet_kwargs are computed from the images and prompts here; call fitting.fit_weights to pass your own"
+                f"{', '.join(clash)} are computed from the images and prompts here; call fitting.fit_weights to pass "
+                "your own"
             )
-        options.setdefault("unet_kwargs", unet_kwargs)
-        return fit_weights(self.unet, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **options)
+        fused = getattr(self, self.fused_component)
+        return fit_weights(fused, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **computed, **options)
 
 
 class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
@@ -273,8 +295,9 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
         return positive, negative
 
     def _fitting_inputs(
-        self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int]
-    ):
-        """`(latents, prompt_embeds, unet_kwargs)` for [`fit_weights`]: [`encode_for_fitting`], no extra UNet inputs."""
+        self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int],
+        options: Dict[str, Any],
+    ):  # fmt: skip
+        """`(latents, prompt_embeds, fit_kwargs)` for [`fit_weights`]: [`encode_for_fitting`], no extra UNet inputs."""
         latents, prompt_embeds = encode_for_fitting(self, images, prompts, height=height, width=width)
-        return latents, prompt_embeds, None
+        return latents, prompt_embeds, {}
