@@ -7,7 +7,7 @@ Flow-matching members (`FusedTransformer`) minimise the same quadratic with velo
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from diffusers.utils import BaseOutput

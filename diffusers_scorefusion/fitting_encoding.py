@@ -26,7 +26,8 @@ def encode_images(
     Images (PIL images, numpy arrays or tensors in [0, 1], or tensors in [-1, 1]) go through the pipeline's
     `VaeImageProcessor`; latents are the mean of the VAE posterior (deterministic: the same images always give the
     same latents and data fingerprint), shifted by `vae.config.shift_factor` when set and times
-    `vae.config.scaling_factor`, in the fused denoiser's dtype (`unet` or `transformer`). The VAE runs in float32 when `vae.config.force_upcast` (the SDXL
+    `vae.config.scaling_factor`, in the fused denoiser's dtype (`unet` or `transformer`). The VAE runs in float32 when
+    `vae.config.force_upcast` (the SDXL
     VAE overflows in float16).
 
     Returns:

@@ -37,7 +37,9 @@ class DiffusionProcess:
     def bin_edges(self, num_bins: int) -> torch.Tensor:
         t_min, t_max = self.bounds
         if num_bins > t_max - t_min + 1:
-            raise ValueError(f"num_timestep_bins={num_bins} exceeds the {t_max - t_min + 1} timesteps in [{t_min}, {t_max}]")
+            raise ValueError(
+                f"num_timestep_bins={num_bins} exceeds the {t_max - t_min + 1} timesteps in [{t_min}, {t_max}]"
+            )
         return torch.linspace(t_min, t_max + 1, num_bins + 1, dtype=torch.float64)
 
     def draw(self, num_draws: int, generator: torch.Generator) -> torch.Tensor:
@@ -80,11 +82,15 @@ class FlowMatchingProcess:
         """`"full"`: t in [0, 1]; `"small_t"`: t <= 0.1; `(low, high)`: timesteps in the members' units."""
         if isinstance(timestep_range, str):
             if timestep_range not in TIMESTEP_RANGES:
-                raise ValueError(f"timestep_range must be one of {TIMESTEP_RANGES} or (low, high), got {timestep_range!r}")
+                raise ValueError(
+                    f"timestep_range must be one of {TIMESTEP_RANGES} or (low, high), got {timestep_range!r}"
+                )
             return (0.0, 1.0) if timestep_range == "full" else (0.0, SMALL_T_MAX_SIGMA)
         bounds = list(timestep_range) if isinstance(timestep_range, (list, tuple)) else []
         if len(bounds) != 2 or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in bounds):
-            raise TypeError(f"timestep_range must be {TIMESTEP_RANGES} or two numbers (low, high), got {timestep_range!r}")
+            raise TypeError(
+                f"timestep_range must be {TIMESTEP_RANGES} or two numbers (low, high), got {timestep_range!r}"
+            )
         if not 0 <= bounds[0] < bounds[1] <= self.scale:
             raise ValueError(
                 f"timestep_range must satisfy 0 <= low < high <= {self.scale:g} (timesteps as the members take them: "

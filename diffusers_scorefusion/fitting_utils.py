@@ -116,7 +116,9 @@ def shared_seed(generator: Optional[torch.Generator], accelerator: Optional[Any]
     return int(reduce_sum(mine, accelerator).item())
 
 
-def _draws(seed: int, index: int, num_draws: int, process: Any, shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _draws(
+    seed: int, index: int, num_draws: int, process: Any, shape: Sequence[int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sample `index`'s timesteps `(D,)` (drawn by the noising `process`) and noises `(D, ...)`: from its own seed,
     on the CPU, in float32."""
     generator = torch.Generator().manual_seed(derived_seed(seed, 0, index))

@@ -42,7 +42,8 @@ def get_dummy_t5_tokenizer() -> T5Tokenizer:
 
 def get_dummy_t5_encoder(seed: int = 0, d_model: int = 32) -> T5EncoderModel:
     config = T5Config(vocab_size=100, d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0)  # fmt: skip
     torch.manual_seed(seed)
     return T5EncoderModel(config).eval()
 
@@ -54,7 +55,8 @@ def _clip_config(**overrides: Any) -> CLIPTextConfig:
 
 
 def get_dummy_flow_vae(seed: int = 0, latent_channels: int = 4) -> AutoencoderKL:
-    """A tiny `AutoencoderKL` with SD3/Flux's shift and scaling factors (downsampling 1: 8 x 8 images, 8 x 8 latents)."""
+    """A tiny `AutoencoderKL` with SD3/Flux's shift and scaling factors (no downsampling: 8 x 8 images, 8 x 8
+    latents)."""
     torch.manual_seed(seed)
     return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                          latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
@@ -65,7 +67,8 @@ def get_dummy_flow_vae(seed: int = 0, latent_channels: int = 4) -> AutoencoderKL
 def get_dummy_flux_transformer(seed: int = 0, **overrides: Any) -> FluxTransformer2DModel:
     """A tiny `FluxTransformer2DModel` (packed latents of 4 channels, text width 32)."""
     config = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])  # fmt: skip
+                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                  axes_dims_rope=[4, 4, 8])  # fmt: skip
     torch.manual_seed(seed)
     return FluxTransformer2DModel(**{**config, **overrides}).eval()
 
@@ -77,7 +80,8 @@ def get_dummy_flux_components(seed: int = 0, **transformer_overrides: Any) -> Di
     return dict(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, tokenizer=get_dummy_tokenizer(),
                 text_encoder_2=get_dummy_t5_encoder(seed), tokenizer_2=get_dummy_t5_tokenizer(),
                 transformer=get_dummy_flux_transformer(seed, **transformer_overrides),
-                vae=get_dummy_flow_vae(seed, latent_channels=1), image_encoder=None, feature_extractor=None)  # fmt: skip
+                vae=get_dummy_flow_vae(seed, latent_channels=1), image_encoder=None,
+                feature_extractor=None)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- Chroma
@@ -93,7 +97,8 @@ def get_dummy_chroma_components(seed: int = 0) -> Dict[str, Any]:
     """Components of a tiny `ChromaPipeline` (a Flux derivative with a T5 encoder only)."""
     return dict(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=get_dummy_t5_encoder(seed),
                 tokenizer=get_dummy_t5_tokenizer(), transformer=get_dummy_chroma_transformer(seed),
-                vae=get_dummy_flow_vae(seed, latent_channels=1), image_encoder=None, feature_extractor=None)  # fmt: skip
+                vae=get_dummy_flow_vae(seed, latent_channels=1), image_encoder=None,
+                feature_extractor=None)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- SD3
@@ -113,8 +118,9 @@ def get_dummy_sd3_components(seed: int = 0) -> Dict[str, Any]:
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config()).eval()
     return dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=text_encoder,
-                text_encoder_2=text_encoder_2, text_encoder_3=get_dummy_t5_encoder(seed), tokenizer=get_dummy_tokenizer(),
-                tokenizer_2=get_dummy_tokenizer(), tokenizer_3=get_dummy_t5_tokenizer(),
+                text_encoder_2=text_encoder_2, text_encoder_3=get_dummy_t5_encoder(seed),
+                tokenizer=get_dummy_tokenizer(), tokenizer_2=get_dummy_tokenizer(),
+                tokenizer_3=get_dummy_t5_tokenizer(),
                 transformer=get_dummy_sd3_transformer(seed), vae=get_dummy_flow_vae(seed, latent_channels=4),
                 image_encoder=None, feature_extractor=None)  # fmt: skip
 
@@ -156,8 +162,9 @@ def get_dummy_sana_components(seed: int = 0) -> Dict[str, Any]:
                         upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
                         scaling_factor=0.41407).eval()  # fmt: skip
     torch.manual_seed(seed)
-    text_encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, num_attention_heads=2,
-                                            num_hidden_layers=1, num_key_value_heads=2, vocab_size=8,
-                                            max_position_embeddings=8192, attn_implementation="eager")).eval()  # fmt: skip
+    config = Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                          num_key_value_heads=2, vocab_size=8, max_position_embeddings=8192,
+                          attn_implementation="eager")  # fmt: skip
+    text_encoder = Gemma2Model(config).eval()
     return dict(transformer=get_dummy_sana_transformer(seed), vae=vae, text_encoder=text_encoder,
                 tokenizer=GemmaTokenizer())  # fmt: skip

@@ -1,7 +1,8 @@
 """Flow-matching members with closed-form velocities, for tests with a known answer.
 
 For data ``N(mu, s^2 I)`` and ``x_t = (1 - t) x0 + t eps``: ``x_t ~ N((1 - t) mu, D I)`` with
-``D = (1 - t)^2 s^2 + t^2``; the exact velocity is ``E[eps - x0 | x_t] = (t - (1 - t) s^2) (x_t - (1 - t) mu) / D - mu``.
+``D = (1 - t)^2 s^2 + t^2``; the exact velocity is
+``E[eps - x0 | x_t] = (t - (1 - t) s^2) (x_t - (1 - t) mu) / D - mu``.
 It is affine in ``mu``, so with a common ``s`` the fused velocity of members ``mu_i`` is the velocity of
 ``N(sum_i lambda_i mu_i, s^2 I)``, the barycenter ``prod_i N(mu_i, s^2 I)^lambda_i``.
 """

@@ -106,7 +106,8 @@ def test_sgd_reference_and_shared_inputs(problem):
     assert (sgd.weights - exact.weights).abs().max() < 0.02
     fused = gaussian_flow_fusion(means)
     pooled = torch.zeros(16, 3)
-    fit(fused, latents[:16], num_noise_draws=2, batch_size=8, num_bootstrap=0, shared_kwargs={"pooled_projections": pooled})
+    fit(fused, latents[:16], num_noise_draws=2, batch_size=8, num_bootstrap=0,
+        shared_kwargs={"pooled_projections": pooled})  # fmt: skip
     assert set(fused.transformers[0].pooled_shapes) == {(16, 3)}  # passed whole although its first dim is N
     fused = gaussian_flow_fusion(means)
     fit(fused, latents[:16], num_noise_draws=2, batch_size=8, num_bootstrap=0,

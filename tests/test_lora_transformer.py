@@ -42,7 +42,8 @@ def loras(tmp_path_factory):
     adapted = [random_lora(base, 10 + i, alpha=8 if i < 2 else 4) for i in range(3)]
     adapted[0].save_lora_adapter(str(tmp_path / "a"))
     layers = get_peft_model_state_dict(adapted[1])
-    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapted[1].peft_config["default"].to_dict().items()}
+    config = adapted[1].peft_config["default"].to_dict()
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     FluxPipeline.save_lora_weights(str(tmp_path / "b"), transformer_lora_layers=layers,
                                    transformer_lora_adapter_metadata=metadata)  # fmt: skip
     state_dict = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(adapted[2]).items()}  # alpha = rank
@@ -126,7 +127,8 @@ def test_lora_scale_reaches_the_lora_members(loras):
 def test_sd3_pipeline_with_a_lora_fusion_matches_the_stock_pipeline_with_the_lora(tmp_path):
     components = get_dummy_sd3_components(0)
     adapted = random_lora(components["transformer"], 5)
-    StableDiffusion3Pipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(adapted))
+    layers = get_peft_model_state_dict(adapted)
+    StableDiffusion3Pipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=layers)
     call = dict(prompt="a cat", height=8, width=8, max_sequence_length=16, num_inference_steps=2, output_type="pt")
     stock = StableDiffusion3Pipeline(**{**components, "transformer": copy.deepcopy(components["transformer"])})
     stock.load_lora_weights(str(tmp_path))

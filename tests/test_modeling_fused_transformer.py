@@ -143,8 +143,9 @@ def test_arguments_the_members_do_not_take_are_refused(members):
 def test_timestep_bins_are_in_the_units_the_pipeline_passes(members):
     """Flux's pipeline passes sigma in [0, 1]: bins at 0.5 pick the row per sample."""
     fused = FusedTransformer(members[:2], weights=[[1.0, 0.0], [0.0, 1.0]], timestep_bin_edges=[0.0, 0.5, 1.0])
-    assert torch.equal(_run(fused, timestep=torch.full((BATCH,), 0.9)), _run(members[1], timestep=torch.full((BATCH,), 0.9)))
-    assert torch.equal(_run(fused, timestep=torch.full((BATCH,), 0.1)), _run(members[0], timestep=torch.full((BATCH,), 0.1)))
+    late, early = torch.full((BATCH,), 0.9), torch.full((BATCH,), 0.1)
+    assert torch.equal(_run(fused, timestep=late), _run(members[1], timestep=late))
+    assert torch.equal(_run(fused, timestep=early), _run(members[0], timestep=early))
     mixed = torch.tensor([0.1, 0.9])
     expected = torch.stack([_run(members[0], timestep=mixed)[0], _run(members[1], timestep=mixed)[1]])
     assert torch.equal(_run(fused, timestep=mixed), expected)
@@ -184,7 +185,8 @@ def test_config_and_attributes_mirror_the_members(members):
 @pytest.mark.parametrize(
     "build, error, match",
     [
-        (lambda m: [m[0], get_dummy_sd3_transformer(0)], ValueError, "member 1 is a SD3Transformer2DModel but member 0 is"),
+        (lambda m: [m[0], get_dummy_sd3_transformer(0)], ValueError,
+         "member 1 is a SD3Transformer2DModel but member 0 is"),
         (lambda m: [m[0], get_dummy_flux_transformer(1, num_single_layers=2)], ValueError,
          "member 1's config differs.*num_single_layers=2 vs 1"),
         (lambda m: [m[0], copy.deepcopy(m[1]).to(torch.float64)], ValueError, "member 1 has dtype torch.float64"),
@@ -278,3 +280,29 @@ def test_member_outputs_stack_each_members_prediction(members):
         stacked = fused.member_outputs(hidden_states, timestep, **inputs)
     assert stacked.shape == (2, BATCH, 16, 4)
     assert torch.equal(stacked[1], _run(members[1]))  # weight 0 does not matter here
+
+
+class DeviceRecorder(torch.nn.Module):
+    """A transformer-like member with its weights on `device`; records its inputs' devices, returns CPU zeros."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.config = {"in_channels": 4, "out_channels": 4}
+        self.weight = torch.nn.Parameter(torch.zeros(1, device=device))
+        self.seen = []
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, joint_attention_kwargs=None,
+                return_dict=True):  # fmt: skip
+        self.seen.append((hidden_states.device.type, encoder_hidden_states.device.type, timestep.device.type,
+                          joint_attention_kwargs["extra"].device.type))  # fmt: skip
+        return Transformer2DModelOutput(sample=torch.zeros(hidden_states.shape))
+
+
+def test_a_member_elsewhere_gets_its_inputs_there_and_its_output_comes_back():
+    elsewhere, here = DeviceRecorder("meta"), DeviceRecorder("cpu")
+    fused = FusedTransformer([elsewhere, here])
+    hidden_states = torch.ones(BATCH, 16, 4)
+    output = fused(hidden_states, torch.ones(BATCH, 6, 32), torch.tensor([0.5, 0.5]),  # positional, PixArt-style
+                   joint_attention_kwargs={"extra": torch.ones(1)})  # fmt: skip
+    assert elsewhere.seen == [("meta",) * 4] and here.seen == [("cpu",) * 4]
+    assert output.sample.device.type == "cpu" and output.sample.shape == hidden_states.shape

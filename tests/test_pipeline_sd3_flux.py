@@ -94,7 +94,8 @@ def flux_folders(tmp_path_factory):
     components = parts.get_dummy_flux_components(0)
     FluxPipeline(**components).save_pretrained(root / "base")
     parts.get_dummy_flux_transformer(1).save_pretrained(root / "member_a")
-    FluxPipeline(**{**components, "transformer": parts.get_dummy_flux_transformer(2)}).save_pretrained(root / "member_b")
+    member_b = parts.get_dummy_flux_transformer(2)
+    FluxPipeline(**{**components, "transformer": member_b}).save_pretrained(root / "member_b")
     parts.get_dummy_sd3_transformer(0).save_pretrained(root / "sd3_member")
     return root
 
@@ -123,7 +124,8 @@ def test_from_pretrained_builds_the_fusion_from_folders(flux_folders):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(transformers=["sd3_member"]), ValueError, "is a 'SD3Transformer2DModel'; expected a FluxTransformer2DModel"),
+        (dict(transformers=["sd3_member"]), ValueError,
+         "is a 'SD3Transformer2DModel'; expected a FluxTransformer2DModel"),
         (dict(transformers=["missing"]), ValueError, "could not find a transformer config"),
         (dict(weights=[1.0]), ValueError, "weights= needs transformers="),
         (dict(transformers=["member_a"], transformer=object()), ValueError, "pass either transformer="),

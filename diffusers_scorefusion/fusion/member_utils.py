@@ -193,7 +193,8 @@ def check_transformer_members(members: Sequence[Any]) -> Tuple[Dict[str, Any], s
         config = getattr(member, "config", None)
         if config is None or config_get(config, "in_channels") is None:
             raise TypeError(
-                f"member {i} ({type(member).__name__}) needs a `config` with in_channels, as Diffusers transformers have"
+                f"member {i} ({type(member).__name__}) needs a `config` with in_channels, as Diffusers transformers "
+                "have"
             )
     classes = [type(member_model(member)) for member in members]
     for i, cls in enumerate(classes[1:], start=1):
@@ -202,7 +203,8 @@ def check_transformer_members(members: Sequence[Any]) -> Tuple[Dict[str, Any], s
     reference = public_config(members[0].config)
     for i, member in enumerate(members[1:], start=1):
         config = public_config(member.config)
-        differing = [f"{key}={config.get(key)!r} vs {reference.get(key)!r}" for key in sorted(set(config) | set(reference))
+        keys = sorted(set(config) | set(reference))
+        differing = [f"{key}={config.get(key)!r} vs {reference.get(key)!r}" for key in keys
                      if config.get(key) != reference.get(key)]  # fmt: skip
         if differing:
             raise ValueError(f"member {i}'s config differs from member 0's (member {i} vs member 0): {differing[:5]}")

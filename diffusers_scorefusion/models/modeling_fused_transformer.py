@@ -127,19 +127,17 @@ class FusedTransformer(FusedModelMixin):
         num_members = len(transformers)
         noise_schedule = check_member_schedules(member_schedulers, num_members, schedule_of=flow_schedule_of)
         self.transformers = nn.ModuleList(transformers)
+        forward = type(member_model(transformers[0])).forward
+        # The members' `forward` signature without `self`, and the name of their timestep argument (read per call).
+        self._forward_signature = inspect.Signature(list(inspect.signature(forward).parameters.values())[1:])
+        names = self._forward_signature.parameters
+        self._timestep_argument = next((name for name in TIMESTEP_ARGUMENTS if name in names), None)
         self.member_sources: List[Optional[Dict[str, Any]]] = [None] * num_members
         self.register_to_config(**interface, num_members=num_members, member_class=member_class,
                                 noise_schedule=noise_schedule)  # fmt: skip
         self.set_weights([1.0 / num_members] * num_members if weights is None else weights, timestep_bin_edges)
 
     # ----------------------------------------------------------------------------------------------- arguments
-    @property
-    def _forward_signature(self) -> inspect.Signature:
-        """The members' `forward` signature, without `self`."""
-        forward = type(member_model(self.transformers[0])).forward
-        parameters = list(inspect.signature(forward).parameters.values())[1:]
-        return inspect.Signature(parameters)
-
     def _bind(self, args: tuple, kwargs: dict) -> Dict[str, Any]:
         """The members' `forward` arguments by name, defaults filled in; refuses arguments the members do not take."""
         try:
@@ -148,10 +146,6 @@ class FusedTransformer(FusedModelMixin):
             raise TypeError(f"FusedTransformer of {self.config.member_class} members: {error}") from None
         bound.apply_defaults()
         return dict(bound.arguments)
-
-    @property
-    def _timestep_argument(self) -> Optional[str]:
-        return next((name for name in TIMESTEP_ARGUMENTS if name in self._forward_signature.parameters), None)
 
     # ----------------------------------------------------------------------------------------------- forward
     def _run_member(self, index: int, device: torch.device, args: tuple, kwargs: dict) -> Any:
@@ -188,7 +182,11 @@ class FusedTransformer(FusedModelMixin):
         return replace_first_field(first_output, fused)
 
     def member_outputs(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, members: Optional[Sequence[int]] = None, **kwargs: Any
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        members: Optional[Sequence[int]] = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Each member's prediction for `(hidden_states, timestep, **kwargs)`, stacked: `(len(members), B, ...)`."""
         names = list(self._forward_signature.parameters)

@@ -74,7 +74,8 @@ def fusion_loading_kwargs(
     if unets is None:
         if weights is not None:
             raise ValueError(
-                f"weights= needs {members_name}=; to change a loaded fusion's weights use pipe.{component}.set_weights()"
+                f"weights= needs {members_name}=; to change a loaded fusion's weights use "
+                f"pipe.{component}.set_weights()"
             )
         return kwargs
     if component in kwargs:

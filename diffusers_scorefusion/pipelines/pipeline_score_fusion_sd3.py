@@ -1,4 +1,5 @@
-"""`ScoreFusionSD3Pipeline`: Stable Diffusion 3 text-to-image sampling from the KL barycenter of several transformers."""
+"""`ScoreFusionSD3Pipeline`: Stable Diffusion 3 text-to-image sampling from the KL barycenter of several
+transformers."""
 
 from typing import Any, Dict, Optional, Sequence, Union
 

@@ -43,7 +43,8 @@ def load_transformer_member(
     spec = {"pretrained_model_name_or_path": os.fspath(member)} if isinstance(member, (str, os.PathLike)) else member
     if not isinstance(spec, dict) or "pretrained_model_name_or_path" not in spec:
         raise TypeError(
-            f"a member must be a module, a path or repo id, or a dict with pretrained_model_name_or_path; got {member!r}"
+            "a member must be a module, a path or repo id, or a dict with pretrained_model_name_or_path; got "
+            f"{member!r}"
         )
     unknown = sorted(set(spec) - set(MEMBER_SPEC_KEYS))
     if unknown:
@@ -53,23 +54,30 @@ def load_transformer_member(
     if spec.get("revision") is not None:
         hub_kwargs["revision"] = spec["revision"]
     if os.path.isfile(source):
-        raise ValueError(f"member path {source!r} is a file; expected a transformer folder, a pipeline or a Hub repo id")
+        raise ValueError(
+            f"member path {source!r} is a file; expected a transformer folder, a pipeline or a Hub repo id"
+        )
     subfolder = _transformer_location(source, spec.get("subfolder"), transformer_class, hub_kwargs)
     try:
         config = transformer_class.load_config(source, subfolder=subfolder, **hub_kwargs)
     except EnvironmentError as error:
-        raise ValueError(f"could not find a transformer config for member {source!r} (subfolder={subfolder!r}): {error}")
+        raise ValueError(
+            f"could not find a transformer config for member {source!r} (subfolder={subfolder!r}): {error}"
+        ) from error
     class_name = config.get("_class_name")
     if class_name != transformer_class.__name__:
         raise ValueError(f"member {source!r} is a {class_name!r}; expected a {transformer_class.__name__}")
     model_kwargs = {key: value for key, value in load_kwargs.items() if key not in hub_kwargs}
     model_kwargs.setdefault("use_safetensors", None if allow_pickle else True)
     try:
-        model = transformer_class.from_pretrained(source, subfolder=subfolder, variant=spec.get("variant"), **hub_kwargs,
-                                                  **model_kwargs)  # fmt: skip
+        model = transformer_class.from_pretrained(
+            source, subfolder=subfolder, variant=spec.get("variant"), **hub_kwargs, **model_kwargs
+        )
     except EnvironmentError as error:
         hint = "" if allow_pickle else " (only safetensors weights are read unless allow_pickle=True)"
-        raise ValueError(f"could not load the transformer of {source!r} (subfolder={subfolder!r}){hint}: {error}")
+        raise ValueError(
+            f"could not load the transformer of {source!r} (subfolder={subfolder!r}){hint}: {error}"
+        ) from error
     scheduler = None
     if subfolder is not None:
         scheduler_subfolder = os.path.join(os.path.dirname(subfolder.rstrip("/")), "scheduler").lstrip("/")
