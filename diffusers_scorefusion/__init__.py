@@ -17,16 +17,19 @@ __version__ = "0.1.0"
 
 
 def _register_with_diffusers() -> None:
-    """Makes `DiffusionPipeline.from_pretrained` find our pipelines by the `_class_name` saved in model_index.json.
-
-    Diffusers resolves that name as an attribute of the `diffusers` module; we add ours there (never replacing a name
-    Diffusers already has). Nothing else of Diffusers is changed.
+    """Makes Diffusers find our pipelines by name: `DiffusionPipeline.from_pretrained` resolves the `_class_name` of a
+    saved `model_index.json` on the `diffusers` module, and Diffusers' tooling (e.g. its source-code parsing helpers)
+    looks pipeline classes up on `diffusers.pipelines`. We add ours there, never replacing a name Diffusers already
+    has. Nothing else of Diffusers is changed.
     """
     import diffusers
+    import diffusers.pipelines
 
-    for pipeline_class in (ScoreFusionPipeline, ScoreFusionXLPipeline, ScoreFusionSD3Pipeline, ScoreFusionFluxPipeline):
-        if not hasattr(diffusers, pipeline_class.__name__):
-            setattr(diffusers, pipeline_class.__name__, pipeline_class)
+    for module in (diffusers, diffusers.pipelines):
+        for pipeline_class in (ScoreFusionPipeline, ScoreFusionXLPipeline, ScoreFusionSD3Pipeline,
+                               ScoreFusionFluxPipeline):
+            if not hasattr(module, pipeline_class.__name__):
+                setattr(module, pipeline_class.__name__, pipeline_class)
 
 
 _register_with_diffusers()

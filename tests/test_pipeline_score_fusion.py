@@ -1,5 +1,7 @@
 """`ScoreFusionPipeline` and `FusedUNet` inside stock Diffusers pipelines: image-for-image equalities and features."""
 
+import inspect
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -217,8 +219,32 @@ def test_scheduler_with_mismatched_prediction_type_is_refused(parts):
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     with pytest.raises(ValueError, match=r"prediction_type is 'v_prediction' but the FusedUNet outputs 'epsilon'"):
         _generate(pipe)
-    with pytest.raises(TypeError, match="needs a FusedUNet as `unet`, got UNet2DConditionModel"):
-        ScoreFusionPipeline(**_components(parts, parts["members"][0]))
+
+
+def test_call_signature_is_the_stock_one_plus_fusion_weights():
+    stock = inspect.signature(StableDiffusionPipeline.__call__).parameters
+    fusion = inspect.signature(ScoreFusionPipeline.__call__).parameters
+    assert list(fusion) == [name for name in stock if name != "kwargs"] + ["fusion_weights", "kwargs"]
+    assert all(fusion[name].default is stock[name].default for name in stock)
+    assert fusion["fusion_weights"].kind is inspect.Parameter.KEYWORD_ONLY and fusion["fusion_weights"].default is None
+    assert "fusion_weights (`list[float]`" in ScoreFusionPipeline.__call__.__doc__
+    assert ScoreFusionPipeline.__call__.__doc__.startswith(StableDiffusionPipeline.__call__.__doc__[:200])
+
+
+def test_plain_unet_or_none_work_as_in_diffusers(parts):
+    """A plain UNet samples exactly as the stock pipeline; per-call weights and fitting need a fusion; `unet=None`
+    encodes prompts alone."""
+    pipe = ScoreFusionPipeline(**_components(parts, parts["members"][0]))
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(_generate(pipe), _generate(_stock(parts, parts["members"][0])))
+    with pytest.raises(TypeError, match=r"fusion_weights=\[1.0\] needs a FusedUNet as `unet`, got UNet2DConditionModel"):
+        _generate(pipe, fusion_weights=[1.0])
+    with pytest.raises(TypeError, match="fit_weights needs a FusedUNet as `unet`, got UNet2DConditionModel"):
+        pipe.fit_weights([PIL.Image.new("RGB", (32, 32))], "a cat")
+    encoder_only = ScoreFusionPipeline(**_components(parts, None))
+    embeds, _ = encoder_only.encode_prompt(PROMPT, "cpu", 1, False)
+    expected, _ = _stock(parts, parts["members"][0]).encode_prompt(PROMPT, "cpu", 1, False)
+    assert torch.equal(embeds, expected)
 
 
 def test_scheduler_with_another_noise_schedule_is_refused(parts):

@@ -54,11 +54,18 @@ def test_fusion_pipeline_matches_the_stock_pipeline_and_takes_per_call_weights(f
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_pipelines_refuse_other_transformers_and_schedulers(family):
-    fusion_class, _, build, build_member = FAMILIES[family]
+    fusion_class, stock_class, build, build_member = FAMILIES[family]
     components = build(0)
-    with pytest.raises(TypeError, match=f"{fusion_class.__name__} needs a FusedTransformer as `transformer`"):
-        fusion_class(**components)
+    # as in Diffusers, a plain transformer samples as the stock pipeline; fusion-only calls are refused
+    plain = fusion_class(**components)
+    assert torch.equal(_images(plain), _images(stock_class(**components)))
+    with pytest.raises(TypeError, match="fusion_weights=\\[1.0\\] needs a FusedTransformer as `transformer`"):
+        _images(plain, fusion_weights=[1.0])
+    with pytest.raises(TypeError, match="fit_weights needs a FusedTransformer as `transformer`"):
+        plain.fit_weights(_target_images(1), "a")
     wrong_class = parts.get_dummy_flux_transformer(0) if family == "sd3" else parts.get_dummy_sd3_transformer(0)
+    with pytest.raises(TypeError, match=f"{fusion_class.__name__} needs a FusedTransformer of .* members \\(or a plain"):
+        fusion_class(**{**components, "transformer": wrong_class})
     with pytest.raises(ValueError, match=f"calls {fusion_class.transformer_class.__name__} members, got a fusion of"):
         fusion_class(**{**components, "transformer": FusedTransformer([wrong_class])})
     fused = FusedTransformer([components["transformer"]], member_schedulers=[components["scheduler"]])

@@ -85,8 +85,9 @@ def test_fit_weights_uses_the_sampling_conditioning():
 
 def test_bad_input_is_refused(tmp_path):
     components = get_dummy_xl_components(num_members=2)
-    with pytest.raises(TypeError, match="needs a FusedUNet as `unet`, got UNet2DConditionModel"):
-        ScoreFusionXLPipeline(**{**components, "unet": get_dummy_xl_unet(0)})
+    plain = ScoreFusionXLPipeline(**{**components, "unet": get_dummy_xl_unet(0)})  # works as the stock pipeline
+    with pytest.raises(TypeError, match="fusion_weights=\\[1.0\\] needs a FusedUNet as `unet`"):
+        plain(**CALL, fusion_weights=[1.0])
     with pytest.raises(ValueError, match="addition_embed_type='text_time'.*got addition_embed_type=None"):
         ScoreFusionXLPipeline(**{**components, "unet": FusedUNet([get_dummy_unet(0, cross_attention_dim=64)])})
     with pytest.raises(ValueError, match="prediction_type is 'v_prediction' but the FusedUNet outputs 'epsilon'"):

@@ -97,6 +97,41 @@ def check_member_dtypes(members: Sequence[nn.Module]) -> None:
         if dtype != dtypes[0]:
             raise ValueError(f"member {i} has dtype {dtype} but member 0 has dtype {dtypes[0]}")
 
+
+def distinct_models(members: Sequence[nn.Module]) -> List[nn.Module]:
+    """The distinct models behind the members, in order: `LoraMember`s of one base share that base."""
+    models: List[nn.Module] = []
+    for member in members:
+        model = member_model(member)
+        if not any(model is known for known in models):
+            models.append(model)
+    return models
+
+
+def _config_dict(config: Any) -> Dict[str, Any]:
+    """A member's config as a dict (Diffusers' `FrozenDict`, or any object with attributes)."""
+    if config is None:
+        return {}
+    return dict(config) if isinstance(config, dict) else dict(vars(config))
+
+
+def shared_member_config(members: Sequence[nn.Module]) -> Dict[str, Any]:
+    """The public config entries every member has with the same value (tuples as lists), in member 0's order.
+
+    A fusion mirrors them in its own config, so code that reads a single model's config (`block_out_channels`,
+    `layers_per_block`, ...) reads the members' shared value; entries the members disagree on are left out.
+    """
+    configs = [_config_dict(getattr(member, "config", None)) for member in members]
+    shared = {}
+    for key, value in configs[0].items():
+        if key.startswith("_"):
+            continue
+        value = plain(value)
+        if all(key in config and plain(config[key]) == value for config in configs[1:]):
+            shared[key] = value
+    return shared
+
+
 def check_member_schedules(
     member_schedulers: Optional[Sequence[Any]],
     num_members: int,
@@ -178,8 +213,7 @@ def member_model(member: nn.Module) -> nn.Module:
 
 def public_config(config: Any) -> Dict[str, Any]:
     """A model config (a Diffusers `FrozenDict` or an object with attributes) as a dict without private `_` keys."""
-    items = config.items() if hasattr(config, "items") else vars(config).items()
-    return {key: plain(value) for key, value in items if not key.startswith("_")}
+    return {key: plain(value) for key, value in _config_dict(config).items() if not key.startswith("_")}
 
 
 def check_transformer_members(members: Sequence[Any]) -> Tuple[Dict[str, Any], str]:

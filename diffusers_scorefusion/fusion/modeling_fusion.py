@@ -14,7 +14,8 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .fusion_utils import WeightsLike, check_bin_edges, check_weights, combine_predictions, timestep_bins
-from .member_utils import copy_containers
+from .member_utils import copy_containers, distinct_models
+from .peft_utils import FusedPeftMixin
 from .offload_utils import enable_group_offload_per_member, run_on_member_device
 
 
@@ -26,7 +27,7 @@ def replace_first_field(output: Any, value: torch.Tensor) -> Any:
     return (value, *tuple(output)[1:])
 
 
-class FusedModelMixin(ModelMixin, ConfigMixin):
+class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
     r"""
     The fusion core shared by [`FusedUNet`] and the other fused denoisers.
 
@@ -200,6 +201,17 @@ class FusedModelMixin(ModelMixin, ConfigMixin):
 
     def disable_forward_chunking(self) -> None:
         self._call_on_members("disable_forward_chunking")
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`torch.compile` applied to each member model in place (`nn.Module.compile`, same arguments): the fusion's
+        Python loop and weights stay eager, so per-call weights and zero-weight skipping never retrace a graph."""
+        for model in distinct_models(self.fusion_members):
+            model.compile(*args, **kwargs)
+
+    def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
+        """`ModelMixin.compile_repeated_blocks` on each member model (Diffusers' regional compilation)."""
+        for model in distinct_models(self.fusion_members):
+            model.compile_repeated_blocks(*args, **kwargs)
 
     def enable_group_offload(
         self,

@@ -14,7 +14,7 @@ from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .member_utils import member_model
+from .member_utils import distinct_models
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -70,10 +70,6 @@ def enable_group_offload_per_member(
     `member.to()`, which Diffusers refuses (with a warning only) on a group-offloaded model unless streams are used:
     the members would stay on the accelerator. LoRA members share one base, which is offloaded once.
     """
-    seen = set()
-    for module in [*fused.fusion_members, *getattr(fused, "text_encoders", [])]:
-        module = member_model(module)  # `LoraMember`s share their base
-        if id(module) not in seen:
-            seen.add(id(module))
-            apply_group_offloading(module, onload_device=torch.device(onload_device),
-                                   offload_device=torch.device(offload_device), **kwargs)  # fmt: skip
+    for module in distinct_models([*fused.fusion_members, *getattr(fused, "text_encoders", [])]):
+        apply_group_offloading(module, onload_device=torch.device(onload_device),
+                               offload_device=torch.device(offload_device), **kwargs)  # fmt: skip

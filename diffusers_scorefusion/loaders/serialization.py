@@ -167,15 +167,18 @@ def _index_of(modules: Sequence[nn.Module], module: nn.Module) -> Optional[int]:
 def _check_config(config: Dict[str, Any], where: str) -> None:
     if config.get("_class_name") != "FusedUNet":
         raise ValueError(f"{where} is not a FusedUNet config (_class_name={config.get('_class_name')!r})")
-    allowed = set(FUSION_KEYS) | set(INTERFACE_KEYS) | set(PRIVATE_KEYS)
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}")
     for key, expected in FUSION_KEYS.items():
         if key not in config:
             raise ValueError(f"{where} is missing the key {key!r}")
         if not isinstance(config[key], expected):
             raise ValueError(f"{where}: {key} must be {expected}, got {type(config[key]).__name__} {config[key]!r}")
+    allowed = set(FUSION_KEYS) | set(INTERFACE_KEYS) | set(PRIVATE_KEYS)
+    members = config.get("members")
+    if isinstance(members, list) and members and isinstance(members[0], dict) and isinstance(members[0].get("config"), dict):
+        allowed |= set(members[0]["config"])  # the members' shared config, mirrored (recomputed on load)
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}")
     num_members = config["num_members"]
     for key in ("members", "member_prediction_types"):
         if len(config[key]) != num_members:

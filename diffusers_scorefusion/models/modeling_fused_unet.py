@@ -22,9 +22,11 @@ from ..fusion.member_utils import (
     check_members,
     noise_schedule_of,
     resolve_member_prediction_types,
+    shared_member_config,
     text_encoder_slots,
 )
 from ..fusion.modeling_fusion import FusedModelMixin, replace_first_field
+from .unet_helpers import FusedUNetHelpersMixin
 
 def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
     """Refuses a scheduler whose prediction type or noise schedule differs from the FusedUNet's."""
@@ -46,7 +48,7 @@ def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
 
 
 
-class FusedUNet(FusedModelMixin):
+class FusedUNet(FusedUNetHelpersMixin, FusedModelMixin):
     r"""
     Several UNets that share one noise schedule, combined into the KL-barycenter denoiser of ScoreFusion.
 
@@ -119,7 +121,7 @@ class FusedUNet(FusedModelMixin):
         if noise_schedule is not None:
             self._alphas_cumprod = DDPMScheduler.from_config(noise_schedule).alphas_cumprod.to(torch.float64)
         self.register_to_config(
-            **interface,
+            **{**shared_member_config(unets), **interface},
             num_members=num_members,
             prediction_type=prediction_type,
             member_prediction_types=list(member_prediction_types),
@@ -295,26 +297,6 @@ class FusedUNet(FusedModelMixin):
             upload_folder(repo_id=repo_id, folder_path=folder, token=token, create_pr=create_pr,
                           commit_message=commit_message or "Upload FusedUNet")  # fmt: skip
         return repo_id
-
-    # ----------------------------------------------------------------------------------------------- drop-in helpers
-    @property
-    def add_embedding(self) -> nn.Module:
-        """Member 0's `add_embedding` (SDXL pipelines read its input size; members agree on it)."""
-        return self.unets[0].add_embedding
-
-    @property
-    def encoder_hid_proj(self) -> Optional[nn.Module]:
-        """Member 0's `encoder_hid_proj`."""
-        return getattr(self.unets[0], "encoder_hid_proj", None)
-
-    def set_attention_slice(self, slice_size: Union[str, int, List[int]] = "auto") -> None:
-        self._call_on_members("set_attention_slice", slice_size)
-
-    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        self._call_on_members("enable_freeu", s1=s1, s2=s2, b1=b1, b2=b2)
-
-    def disable_freeu(self) -> None:
-        self._call_on_members("disable_freeu")
 
     # ----------------------------------------------------------------------------------------------- LoRA members
     @classmethod

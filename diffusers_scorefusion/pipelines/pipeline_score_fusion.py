@@ -1,10 +1,14 @@
 """`ScoreFusionPipeline`: Stable Diffusion text-to-image sampling from the KL barycenter of several UNets."""
 
+import contextlib
+import functools
+import inspect
 import os
+import re
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -103,6 +107,48 @@ def fusion_loading_kwargs(
     return kwargs
 
 
+FUSION_WEIGHTS_DOC = """
+            fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
+                ScoreFusion: the fusion weights for this call only, shape `(k,)` (or the stored `(num_bins, k)`
+                table's shape), on the simplex. Defaults to the fusion's own weights (`unet.fusion_weights` or
+                `transformer.fusion_weights`).
+"""
+
+
+def _stock_call(cls: type) -> Callable[..., Any]:
+    """The `__call__` of the first base of `cls` that is not a ScoreFusion mixin (the stock pipeline's)."""
+    for base in cls.__mro__:
+        if "__call__" in base.__dict__ and not issubclass(base, ScoreFusionPipelineMixin):
+            return base.__dict__["__call__"]
+    raise TypeError(f"{cls.__name__} has no stock pipeline __call__ to extend")
+
+
+def fusion_call(stock_call: Callable[..., Any]) -> Callable[..., Any]:
+    """`stock_call` with the keyword `fusion_weights` added: same signature, docstring and return value."""
+
+    @functools.wraps(stock_call)
+    def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any) -> Any:
+        with self._check_fusion_call(fusion_weights):
+            return stock_call(self, *args, **kwargs)
+
+    signature = inspect.signature(stock_call)
+    parameters = list(signature.parameters.values())
+    position = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+    extra = inspect.Parameter("fusion_weights", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=Optional[WeightsLike])  # fmt: skip
+    __call__.__signature__ = signature.replace(parameters=[*parameters[:position], extra, *parameters[position:]])
+    __call__.__doc__ = _with_fusion_weights_doc(stock_call.__doc__ or "")
+    return __call__
+
+
+def _with_fusion_weights_doc(doc: str) -> str:
+    """The stock docstring with `fusion_weights` documented after the last argument (before `Examples:`/`Returns:`)."""
+    match = re.search(r"\n[ \t]*(Examples|Returns):", doc)
+    if match is None:
+        return doc + FUSION_WEIGHTS_DOC
+    return doc[: match.start()].rstrip() + "\n" + FUSION_WEIGHTS_DOC.rstrip("\n") + "\n" + doc[match.start():]
+
+
 class ScoreFusionPipelineMixin:
     r"""
     What the ScoreFusion pipelines add to a Diffusers pipeline class whose denoiser is a fusion ([`FusedUNet`] as
@@ -113,8 +159,9 @@ class ScoreFusionPipelineMixin:
 
     # The base's text encoder class when members may bring their own (`None`: members share the pipeline's).
     member_text_encoder_class: Optional[type] = None
-    # The pipeline component that is the fusion, and the check of the pipeline's scheduler against it.
+    # The pipeline component that is the fusion, its class, and the check of the pipeline's scheduler against it.
     fused_component = "unet"
+    fusion_class: type = FusedUNet
     scheduler_check = staticmethod(check_scheduler_matches)
 
     @classmethod
@@ -160,24 +207,33 @@ class ScoreFusionPipelineMixin:
         """`DiffusionPipeline.save_pretrained`, made atomic: a failing save leaves an earlier save intact."""
         save_atomically(super().save_pretrained, save_directory, **kwargs)
 
-    @torch.no_grad()
-    def __call__(self, *args: Any, fusion_weights: Optional[WeightsLike] = None, **kwargs: Any):
-        r"""
-        Generates images from the fused model; takes every argument of the parent pipeline's `__call__`.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Gives each pipeline class a `__call__` with the stock pipeline's own signature plus `fusion_weights`."""
+        super().__init_subclass__(**kwargs)
+        if "__call__" not in cls.__dict__ and issubclass(cls, DiffusionPipeline):  # not for mixins of the mixin
+            cls.__call__ = fusion_call(_stock_call(cls))
 
-        Args:
-            fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
-                Weights for this call only, shape `(k,)` (or the stored `(num_bins, k)` table's shape); on the simplex.
-                Defaults to the fusion's `fusion_weights`.
+    @property
+    def fusion_model(self) -> Optional[Any]:
+        """The fusion behind the fused component (also when `torch.compile` wrapped it), or `None` for a plain model."""
+        denoiser = getattr(self, self.fused_component)
+        denoiser = getattr(denoiser, "_orig_mod", denoiser)
+        return denoiser if isinstance(denoiser, self.fusion_class) else None
 
-        Returns:
-            The parent pipeline's output (e.g. `StableDiffusionPipelineOutput`, `FluxPipelineOutput`), or a tuple with
-            `return_dict=False`.
-        """
-        fused = getattr(self, self.fused_component)
-        self.scheduler_check(fused, self.scheduler)
-        with fused.override_weights(fusion_weights):
-            return super().__call__(*args, **kwargs)
+    def _check_fusion_call(self, fusion_weights: Optional[WeightsLike]) -> Any:
+        """The fusion weights' context for one call: the override, after the scheduler check; refuses per-call
+        weights when the denoiser is not a fusion."""
+        fusion = self.fusion_model
+        if fusion is None:
+            if fusion_weights is not None:
+                denoiser = getattr(self, self.fused_component)
+                raise TypeError(
+                    f"fusion_weights={fusion_weights!r} needs a {self.fusion_class.__name__} as "
+                    f"`{self.fused_component}`, got {type(denoiser).__name__}"
+                )
+            return contextlib.nullcontext()
+        self.scheduler_check(fusion, self.scheduler)
+        return fusion.override_weights(fusion_weights)
 
     def fit_weights(
         self,
@@ -201,6 +257,13 @@ class ScoreFusionPipelineMixin:
         Latents are the VAE posterior means (shifted and scaled as the VAE config says); prompts are encoded without
         classifier-free guidance, as the pipeline's `encode_for_fitting` does. The noise schedule is `self.scheduler`'s.
         """
+        fusion = self.fusion_model
+        if fusion is None:
+            denoiser = getattr(self, self.fused_component)
+            raise TypeError(
+                f"fit_weights needs a {self.fusion_class.__name__} as `{self.fused_component}`, got "
+                f"{type(denoiser).__name__}"
+            )
         latents, prompt_embeds, computed = self._fitting_inputs(images, prompts, height, width, options)
         clash = sorted(set(computed) & set(options))
         if clash:
@@ -208,8 +271,7 @@ class ScoreFusionPipelineMixin:
                 f"{', '.join(clash)} are computed from the images and prompts here; call fitting.fit_weights to pass "
                 "your own"
             )
-        fused = getattr(self, self.fused_component)
-        return fit_weights(fused, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **computed, **options)
+        return fit_weights(fusion, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **computed, **options)
 
 
 class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
@@ -225,7 +287,9 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
             ([`~transformers.CLIPTokenizer`]), scheduler ([`SchedulerMixin`]), safety_checker, feature_extractor,
             image_encoder: as in [`StableDiffusionPipeline`].
         unet ([`FusedUNet`]): the fused members. The scheduler's `prediction_type` must match
-            `unet.config.prediction_type`.
+            `unet.config.prediction_type`. As in Diffusers, a plain `UNet2DConditionModel` (the pipeline then samples
+            as `StableDiffusionPipeline` does; `fusion_weights` and `fit_weights` are refused) or `None` (to encode
+            prompts alone) also work.
     """
 
     member_text_encoder_class = CLIPTextModel
@@ -235,18 +299,13 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
         vae: AutoencoderKL,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
-        unet: FusedUNet,
+        unet: Union[FusedUNet, UNet2DConditionModel, None],
         scheduler: KarrasDiffusionSchedulers,
         safety_checker: Optional[StableDiffusionSafetyChecker] = None,
         feature_extractor: Optional[CLIPImageProcessor] = None,
         image_encoder: Optional[CLIPVisionModelWithProjection] = None,
         requires_safety_checker: bool = True,
     ):
-        if not isinstance(unet, FusedUNet):
-            raise TypeError(
-                f"ScoreFusionPipeline needs a FusedUNet as `unet`, got {type(unet).__name__}; build one with "
-                "FusedUNet([...]) or ScoreFusionPipeline.from_pretrained(base, unets=[...])"
-            )
         check_scheduler_matches(unet, scheduler)
         super().__init__(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -273,27 +332,27 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
         by each member encoder are concatenated along the last dimension; `FusedUNet` hands each member its block.
         """
         args = (device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt)
-        base = super().encode_prompt(
+        slots = getattr(self.unet, "num_encoder_slots", 1)  # a plain UNet or None: 1, the stock encoding
+        if slots > 1 and (prompt is None or prompt_embeds is not None or negative_prompt_embeds is not None):
+            raise ValueError("members have their own text encoders: pass the prompt as text, not prompt_embeds")
+        prompt_embeds, negative_prompt_embeds = super().encode_prompt(
             prompt, *args, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             lora_scale=lora_scale, clip_skip=clip_skip,
         )  # fmt: skip
-        if self.unet.num_encoder_slots == 1:
-            return base
-        if prompt is None or prompt_embeds is not None or negative_prompt_embeds is not None:
-            raise ValueError("members have their own text encoders: pass the prompt as text, not prompt_embeds")
-        encodings = [base]
+        if slots == 1:
+            return prompt_embeds, negative_prompt_embeds
+        encodings = [(prompt_embeds, negative_prompt_embeds)]
         pipeline_encoder = self.text_encoder
         try:
             for encoder in self.unet.text_encoders:
-                object.__setattr__(
-                    self, "text_encoder", encoder
-                )  # this call only; the registered component is unchanged
+                object.__setattr__(self, "text_encoder", encoder)  # this call only; the registered component stays
                 encodings.append(super().encode_prompt(prompt, *args, lora_scale=lora_scale, clip_skip=clip_skip))
         finally:
             object.__setattr__(self, "text_encoder", pipeline_encoder)
-        positive = torch.cat([encoding[0] for encoding in encodings], dim=-1)
-        negative = torch.cat([encoding[1] for encoding in encodings], dim=-1) if do_classifier_free_guidance else None
-        return positive, negative
+        prompt_embeds = torch.cat([encoding[0] for encoding in encodings], dim=-1)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = torch.cat([encoding[1] for encoding in encodings], dim=-1)
+        return prompt_embeds, negative_prompt_embeds
 
     def _fitting_inputs(
         self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int],

@@ -22,7 +22,8 @@ class ScoreFusionFluxPipeline(ScoreFusionTransformerPipelineMixin, FluxPipeline)
 
     Args:
         transformer ([`FusedTransformer`]): the fused members (e.g. [`FusedTransformer.from_lora`] for LoRAs of one
-            base). Timestep bins are in the units Flux's pipeline passes: ``sigma`` in [0, 1].
+            base). Timestep bins are in the units Flux's pipeline passes: ``sigma`` in [0, 1]. As in Diffusers, a
+            plain `FluxTransformer2DModel` (sampling as `FluxPipeline` does) or `None` also work.
         scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, image_encoder, feature_extractor: as in
             [`FluxPipeline`]; members share the text encoders.
     """
@@ -37,7 +38,7 @@ class ScoreFusionFluxPipeline(ScoreFusionTransformerPipelineMixin, FluxPipeline)
         tokenizer: CLIPTokenizer,
         text_encoder_2: T5EncoderModel,
         tokenizer_2: T5TokenizerFast,
-        transformer: FusedTransformer,
+        transformer: Union[FusedTransformer, FluxTransformer2DModel, None],
         image_encoder: Any = None,
         feature_extractor: Any = None,
     ):

@@ -23,6 +23,8 @@ class ScoreFusionSD3Pipeline(ScoreFusionTransformerPipelineMixin, StableDiffusio
 
     Args:
         transformer ([`FusedTransformer`]): the fused members. Timestep bins are in SD3's timestep units (0 to 1000).
+            As in Diffusers, a plain `SD3Transformer2DModel` (sampling as `StableDiffusion3Pipeline` does) or `None`
+            also work.
         scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3,
             image_encoder, feature_extractor: as in [`StableDiffusion3Pipeline`]; members share the text encoders.
     """
@@ -31,7 +33,7 @@ class ScoreFusionSD3Pipeline(ScoreFusionTransformerPipelineMixin, StableDiffusio
 
     def __init__(
         self,
-        transformer: FusedTransformer,
+        transformer: Union[FusedTransformer, SD3Transformer2DModel, None],
         scheduler: FlowMatchEulerDiscreteScheduler,
         vae: AutoencoderKL,
         text_encoder: CLIPTextModelWithProjection,

@@ -125,6 +125,7 @@ class ScoreFusionTransformerPipelineMixin(ScoreFusionPipelineMixin):
     """
 
     fused_component = "transformer"
+    fusion_class = FusedTransformer
     scheduler_check = staticmethod(check_scheduler_matches_transformer)
     # The Diffusers transformer class the pipeline's members must be (set by each pipeline).
     transformer_class: type = nn.Module
@@ -166,17 +167,22 @@ class ScoreFusionTransformerPipelineMixin(ScoreFusionPipelineMixin):
 
     @classmethod
     def check_fused_transformer(cls, transformer: Any, scheduler: Any) -> None:
-        """Refuses a `transformer` that is not a fusion of `transformer_class` members, or an incompatible scheduler."""
-        name = cls.__name__
-        if not isinstance(transformer, FusedTransformer):
+        """Refuses a `transformer` that is neither a fusion of `transformer_class` members nor a plain
+        `transformer_class` (or `None`), and a scheduler the fusion cannot sample with.
+
+        As in Diffusers, a plain transformer samples as the stock pipeline does (`fusion_weights` and `fit_weights`
+        are then refused), and `None` leaves prompt encoding alone.
+        """
+        name, expected = cls.__name__, cls.transformer_class.__name__
+        model = getattr(transformer, "_orig_mod", transformer)  # `torch.compile` wraps it
+        if model is None or isinstance(model, cls.transformer_class):
+            return
+        if not isinstance(model, FusedTransformer):
             raise TypeError(
-                f"{name} needs a FusedTransformer as `transformer`, got {type(transformer).__name__}; build one with "
-                f"FusedTransformer([...]), FusedTransformer.from_lora(...) or {name}.from_pretrained(base, "
-                "transformers=[...])"
+                f"{name} needs a FusedTransformer of {expected} members (or a plain {expected}) as `transformer`, got "
+                f"{type(model).__name__}; build one with FusedTransformer([...]), FusedTransformer.from_lora(...) or "
+                f"{name}.from_pretrained(base, transformers=[...])"
             )
-        if transformer.config.member_class != cls.transformer_class.__name__:
-            raise ValueError(
-                f"{name} calls {cls.transformer_class.__name__} members, got a fusion of "
-                f"{transformer.config.member_class}"
-            )
-        check_scheduler_matches_transformer(transformer, scheduler)
+        if model.config.member_class != expected:
+            raise ValueError(f"{name} calls {expected} members, got a fusion of {model.config.member_class}")
+        check_scheduler_matches_transformer(model, scheduler)

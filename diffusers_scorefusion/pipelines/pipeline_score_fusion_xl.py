@@ -3,7 +3,7 @@
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers import CLIPVisionModelWithProjection
@@ -24,7 +24,8 @@ class ScoreFusionXLPipeline(ScoreFusionPipelineMixin, StableDiffusionXLPipeline)
     Args:
         vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, image_encoder, feature_extractor,
             force_zeros_for_empty_prompt, add_watermarker: as in [`StableDiffusionXLPipeline`].
-        unet ([`FusedUNet`]): the fused SDXL members (e.g. [`FusedUNet.from_lora`] for LoRA fine-tunes). The
+        unet ([`FusedUNet`]): the fused SDXL members (e.g. [`FusedUNet.from_lora`] for LoRA fine-tunes; a plain
+            `UNet2DConditionModel` or `None` work as in `StableDiffusionXLPipeline`). The
             scheduler's `prediction_type` must match `unet.config.prediction_type`. Members share the pipeline's two
             text encoders.
     """
@@ -36,19 +37,14 @@ class ScoreFusionXLPipeline(ScoreFusionPipelineMixin, StableDiffusionXLPipeline)
         text_encoder_2: CLIPTextModelWithProjection,
         tokenizer: CLIPTokenizer,
         tokenizer_2: CLIPTokenizer,
-        unet: FusedUNet,
+        unet: Union[FusedUNet, UNet2DConditionModel, None],
         scheduler: KarrasDiffusionSchedulers,
         image_encoder: Optional[CLIPVisionModelWithProjection] = None,
         feature_extractor: Optional[CLIPImageProcessor] = None,
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: Optional[bool] = None,
     ):
-        if not isinstance(unet, FusedUNet):
-            raise TypeError(
-                f"ScoreFusionXLPipeline needs a FusedUNet as `unet`, got {type(unet).__name__}; build one with "
-                "FusedUNet([...]), FusedUNet.from_lora(...) or ScoreFusionXLPipeline.from_pretrained(base, unets=[...])"
-            )
-        if unet.config.addition_embed_type != "text_time":
+        if isinstance(unet, FusedUNet) and unet.config.addition_embed_type != "text_time":
             raise ValueError(
                 f"ScoreFusionXLPipeline needs SDXL members (addition_embed_type='text_time'), got "
                 f"addition_embed_type={unet.config.addition_embed_type!r}; use ScoreFusionPipeline for Stable "

@@ -1,0 +1,206 @@
+"""The harness that runs Diffusers' own fast pipeline tests against the fusion (see upstream.py and README.md).
+
+Per upstream test it records the stock result (from the committed baseline of the installed Diffusers version, or
+rerun with `--upstream-stock`) and the fusion results, and prints the table at the end. A fusion test whose stock
+twin did not pass is skipped (it says nothing about the fusion); a fusion test that skips while its stock twin
+passed is a failure (it would hide a difference), unless it is a listed exception (exceptions.py).
+"""
+
+import json
+import os
+import platform
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+import diffusers
+import torch
+
+from exceptions import EXCEPTIONS  # noqa: E402  (this folder is on sys.path, as for every test module here)
+from hub_stand_ins import write_stand_ins
+from upstream import FUSION_VARIANTS, VARIANTS, import_upstream, upstream_commit, upstream_root
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASELINE = os.path.join(HERE, "baseline", f"diffusers-{diffusers.__version__}.json")
+STOCK_OPTION = "--upstream-stock"
+REPORT_OPTION = "--upstream-report"
+
+if upstream_root() is None:
+    collect_ignore_glob = ["test_*.py"]
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("diffusers-suite", "Diffusers' own tests against the fusion")
+    group.addoption(STOCK_OPTION, action="store_true", default=False,
+                    help="also run the stock upstream classes and rewrite the baseline file of this Diffusers version")
+    group.addoption(REPORT_OPTION, default=None, help="write the stock-vs-fusion table (markdown) to this file")
+
+
+def pytest_configure(config: Any) -> None:
+    if upstream_root() is None:
+        return
+    write_stand_ins(os.path.join(os.environ["HF_HOME"], "hub"))
+    _register_upstream_markers(config)
+    config._upstream_results = {}  # {upstream test id: {variant: outcome}}
+
+
+def _register_upstream_markers(config: Any) -> None:
+    """Registers every `pytest.mark.<name>` the upstream tests use (this project runs pytest with --strict-markers)."""
+    import re
+
+    known = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
+    names = set()
+    for folder, _, files in os.walk(upstream_root()):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                    names.update(re.findall(r"pytest\.mark\.([A-Za-z_]+)", handle.read()))
+    for name in sorted(names - known):
+        config.addinivalue_line("markers", f"{name}: used by Diffusers' own tests")
+
+
+def _load_baseline() -> Optional[Dict[str, str]]:
+    if not os.path.isfile(BASELINE):
+        return None
+    with open(BASELINE, encoding="utf-8") as handle:
+        return json.load(handle)["results"]
+
+
+def _variant(item: Any) -> Optional[str]:
+    return getattr(getattr(item, "cls", None), "upstream_variant", None)
+
+
+def upstream_id(item: Any) -> str:
+    """`pipelines/.../test_x.py::UpstreamClass::test_name[params]` of a derived test item."""
+    return f"{item.cls.upstream_test}::{item.name}"
+
+
+def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+    if upstream_root() is None:
+        return
+    baseline = _load_baseline()
+    run_stock = config.getoption(STOCK_OPTION) or baseline is None
+    config._upstream_run_stock = run_stock
+    config._upstream_baseline = baseline or {}
+    kept, deselected = [], []
+    for item in items:
+        variant = _variant(item)
+        if variant == "stock" and not run_stock:
+            deselected.append(item)
+            continue
+        kept.append(item)
+        if variant in FUSION_VARIANTS and not run_stock:
+            stock = baseline.get(upstream_id(item))
+            if stock is None:
+                item.add_marker(pytest.mark.skip(reason="not in the stock baseline: rerun with --upstream-stock"))
+            elif stock != "passed":
+                item.add_marker(pytest.mark.skip(reason=f"stock {stock}"))
+            elif upstream_id(item) in EXCEPTIONS:
+                item.add_marker(pytest.mark.skip(reason=f"listed exception: {EXCEPTIONS[upstream_id(item)]}"))
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
+def _outcome(report: Any) -> str:
+    if report.failed:
+        return "failed"
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        return "skipped: " + reason.replace("Skipped: ", "")
+    return "passed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any):
+    outcome = yield
+    variant = _variant(item)
+    if variant is None:
+        return
+    report = outcome.get_result()
+    config = item.config
+    key = upstream_id(item)
+    stock = config._upstream_baseline.get(key) if not config._upstream_run_stock else None
+    own_skip = any(mark.name == "skip" for mark in item.iter_markers())
+    if variant in FUSION_VARIANTS and report.skipped and stock == "passed" and not own_skip:
+        report.outcome = "failed"  # a skip only on the fusion hides a difference
+        report.longrepr = f"fusion-only skip (the stock pipeline passes this test): {report.longrepr}"
+    results = config._upstream_results.setdefault(key, {})
+    if report.when == "call" or report.failed or report.skipped or variant not in results:
+        previous = results.get(variant)
+        if previous is None or previous == "passed" or report.failed:
+            results[variant] = _outcome(report)
+
+
+def _short(outcome: Optional[str]) -> str:
+    if outcome is None:
+        return "-"
+    return outcome if not outcome.startswith("skipped") else "skipped"
+
+
+def _table(config: Any) -> List[str]:
+    results = config._upstream_results
+    baseline = config._upstream_baseline
+    lines = ["| upstream test | stock | fusion (1 member) | fusion (2 members, one-hot) |", "| --- | --- | --- | --- |"]
+    for key in sorted(results):
+        stock = results[key].get("stock") or baseline.get(key)
+        cells = [_short(stock)] + [_short(results[key].get(variant)) for variant in FUSION_VARIANTS]
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _counts(config: Any) -> Dict[str, Dict[str, int]]:
+    counts: Dict[str, Dict[str, int]] = {}
+    for key, by_variant in config._upstream_results.items():
+        stock = by_variant.get("stock") or config._upstream_baseline.get(key)
+        for variant in VARIANTS:
+            outcome = stock if variant == "stock" else by_variant.get(variant)
+            if outcome is None:
+                continue
+            bucket = counts.setdefault(variant, {"passed": 0, "failed": 0, "skipped": 0, "fusion-only failures": 0})
+            bucket[_short(outcome) if not outcome.startswith("skipped") else "skipped"] += 1
+            if variant != "stock" and stock == "passed" and outcome != "passed" and key not in EXCEPTIONS:
+                bucket["fusion-only failures"] += 1
+    return counts
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
+    if upstream_root() is None:
+        terminalreporter.write_sep("=", "Diffusers' own tests were NOT run: upstream tests not found")
+        return
+    if not getattr(config, "_upstream_results", None):
+        return
+    terminalreporter.write_sep("=", "Diffusers' own tests: stock vs fusion")
+    counts = _counts(config)
+    for variant, bucket in counts.items():
+        terminalreporter.write_line(f"{variant}: " + ", ".join(f"{name} {n}" for name, n in bucket.items()))
+    if config.getoption("verbose") > 0:
+        for line in _table(config):
+            terminalreporter.write_line(line)
+    report_path = config.getoption(REPORT_OPTION)
+    if report_path:
+        _write_report(config, report_path, counts)
+    if config._upstream_run_stock:
+        _write_baseline(config)
+
+
+def _write_report(config: Any, path: str, counts: Dict[str, Dict[str, int]]) -> None:
+    header = [f"Diffusers {diffusers.__version__}, torch {torch.__version__}, upstream tests at {upstream_commit()}", ""]
+    header += ["| variant | " + " | ".join(next(iter(counts.values()))) + " |", "| --- |" + " --- |" * 4]
+    header += [f"| {variant} | " + " | ".join(str(n) for n in bucket.values()) + " |" for variant, bucket in counts.items()]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(header + [""] + _table(config)) + "\n")
+
+
+def _write_baseline(config: Any) -> None:
+    results = dict(_load_baseline() or {})
+    results.update({key: by_variant["stock"] for key, by_variant in config._upstream_results.items()
+                    if "stock" in by_variant})  # fmt: skip
+    record = {"diffusers": diffusers.__version__, "torch": torch.__version__, "python": platform.python_version(),
+              "upstream_commit": upstream_commit(), "results": dict(sorted(results.items()))}  # fmt: skip
+    os.makedirs(os.path.dirname(BASELINE), exist_ok=True)
+    temporary = BASELINE + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1)
+        handle.write("\n")
+    os.replace(temporary, BASELINE)

@@ -1,0 +1,13 @@
+"""Diffusers' `StableDiffusionControlNetPipeline` fast tests, with a `FusedUNet` as its `unet` (see upstream.py)."""
+
+from upstream import derive
+
+derive(
+    globals(),
+    "pipelines.controlnet.test_controlnet",
+    [
+        "ControlNetPipelineFastTests",
+        "StableDiffusionMultiControlNetPipelineFastTests",
+        "StableDiffusionMultiControlNetOneModelPipelineFastTests",
+    ],
+)

@@ -1,0 +1,12 @@
+"""Diffusers' `StableDiffusionControlNetImg2ImgPipeline` fast tests, with a `FusedUNet` as its `unet` (see upstream.py)."""
+
+from upstream import derive
+
+derive(
+    globals(),
+    "pipelines.controlnet.test_controlnet_img2img",
+    [
+        "ControlNetImg2ImgPipelineFastTests",
+        "StableDiffusionMultiControlNetPipelineFastTests",
+    ],
+)

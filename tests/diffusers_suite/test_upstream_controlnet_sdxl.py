@@ -1,0 +1,14 @@
+"""Diffusers' `StableDiffusionXLControlNetPipeline` fast tests, with a `FusedUNet` as its `unet` (see upstream.py)."""
+
+from upstream import derive
+
+derive(
+    globals(),
+    "pipelines.controlnet.test_controlnet_sdxl",
+    [
+        "StableDiffusionXLControlNetPipelineFastTests",
+        "StableDiffusionXLMultiControlNetPipelineFastTests",
+        "StableDiffusionXLMultiControlNetOneModelPipelineFastTests",
+        "StableDiffusionSSD1BControlNetPipelineFastTests",
+    ],
+)

@@ -1,0 +1,5 @@
+"""Diffusers' `StableDiffusionXLControlNetImg2ImgPipeline` fast tests, with a `FusedUNet` as its `unet` (see upstream.py)."""
+
+from upstream import derive
+
+derive(globals(), "pipelines.controlnet.test_controlnet_sdxl_img2img", ["ControlNetPipelineSDXLImg2ImgFastTests"])

@@ -1,0 +1,140 @@
+"""Diffusers' own test-suite, retargeted at the fusion: import the upstream tests and derive fusion test classes.
+
+The upstream `tests/` folder (verbatim, never copied into this project) is found at `$SCOREFUSION_DIFFUSERS_TESTS`
+or `../shared/diffusers-tests` beside the project, and imported as the package `diffusers_upstream_tests` (its
+modules use relative imports, so any package name works). For each upstream test class the harness derives:
+
+- `stock`: the upstream class unchanged (the baseline; run with `--upstream-stock`, else read from the committed
+  baseline file of the installed Diffusers version);
+- `fusion1`: the pipeline's `unet` (or `transformer`) replaced by a one-member fusion, weights `[1.0]`;
+- `fusion2`: a two-member fusion with one-hot weights `[0.0, 1.0]` (the stock denoiser is member 1; member 0 is a
+  perturbed copy that must never run);
+
+and, for pipelines with a ScoreFusion class, the pipeline class replaced by it. Nothing else changes.
+"""
+
+import copy
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+PACKAGE = "diffusers_upstream_tests"
+ENV_VARIABLE = "SCOREFUSION_DIFFUSERS_TESTS"
+VARIANTS = ("stock", "fusion1", "fusion2")
+FUSION_VARIANTS = ("fusion1", "fusion2")
+
+
+def upstream_root() -> Optional[str]:
+    """The upstream `tests/` folder, or `None` when it is not on this machine."""
+    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    base = os.environ.get(ENV_VARIABLE) or os.path.join(os.path.dirname(project), "shared", "diffusers-tests")
+    for candidate in (os.path.join(base, "tests"), base):
+        if os.path.isfile(os.path.join(candidate, "pipelines", "test_pipelines_common.py")):
+            return os.path.abspath(candidate)
+    return None
+
+
+def upstream_commit() -> Optional[str]:
+    """The upstream commit named in the checkout's README (the shared copy records it), if any."""
+    root = upstream_root()
+    readme = os.path.join(os.path.dirname(root), "README.md") if root else None
+    if not readme or not os.path.isfile(readme):
+        return None
+    with open(readme, encoding="utf-8") as handle:
+        for word in handle.read().replace("\n", " ").split():
+            if len(word) == 40 and all(c in "0123456789abcdef" for c in word):
+                return word
+    return None
+
+
+def import_upstream(module: str) -> ModuleType:
+    """Imports `module` (e.g. `"pipelines.stable_diffusion.test_stable_diffusion"`) from the upstream tests."""
+    if PACKAGE not in sys.modules:
+        root = upstream_root()
+        if root is None:
+            raise FileNotFoundError(
+                f"Diffusers' tests were not found: set {ENV_VARIABLE} or put them at ../shared/diffusers-tests"
+            )
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, os.path.join(root, "__init__.py"), submodule_search_locations=[root]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{PACKAGE}.{module}")
+
+
+def _perturbed_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every floating-point parameter shifted (private generator: the global RNG is untouched)."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            if parameter.is_floating_point():
+                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+                parameter.add_(noise.to(parameter.dtype) * 0.1)
+    return other
+
+
+def fuse(denoiser: Any, variant: str) -> Any:
+    """The fusion that replaces `denoiser` in variant `variant`."""
+    if denoiser is None or variant == "stock":
+        return denoiser
+    from diffusers_scorefusion import FusedUNet
+
+    if variant == "fusion1":
+        return FusedUNet([denoiser], weights=[1.0])
+    return FusedUNet([_perturbed_copy(denoiser), denoiser], weights=[0.0, 1.0])
+
+
+def _fuse_components(components: Any, variant: str, key: str) -> Any:
+    if isinstance(components, tuple):  # the LoRA tests return (components, text_lora_config, unet_lora_config)
+        return (_fuse_components(components[0], variant, key), *components[1:])
+    if isinstance(components, dict) and key in components:
+        components = dict(components)
+        components[key] = fuse(components[key], variant)
+    return components
+
+
+def derive(
+    namespace: Dict[str, Any],
+    module: str,
+    class_names: Sequence[str],
+    fusion_pipeline_class: Optional[type] = None,
+    denoiser_key: str = "unet",
+) -> List[type]:
+    """Adds `{UpstreamClass}__{variant}` test classes for every variant to `namespace` (a test module's globals).
+
+    `fusion_pipeline_class` replaces the upstream `pipeline_class` in the fusion variants (`None`: the stock pipeline
+    class, with only its denoiser fused).
+    """
+    upstream = import_upstream(module)
+    derived = []
+    for class_name in class_names:
+        base = getattr(upstream, class_name)
+        for variant in VARIANTS:
+            attributes: Dict[str, Any] = {
+                "__module__": namespace["__name__"],
+                "upstream_test": f"{module.replace('.', '/')}.py::{class_name}",
+                "upstream_variant": variant,
+            }
+            if variant != "stock":
+                attributes["get_dummy_components"] = _fused_dummy_components(base, variant, denoiser_key)
+                if fusion_pipeline_class is not None:
+                    attributes["pipeline_class"] = fusion_pipeline_class
+            cls = type(f"{class_name}__{variant}", (base,), attributes)
+            namespace[cls.__name__] = cls
+            derived.append(cls)
+    return derived
+
+
+def _fused_dummy_components(base: type, variant: str, key: str):
+    def get_dummy_components(self, *args: Any, **kwargs: Any) -> Any:
+        return _fuse_components(base.get_dummy_components(self, *args, **kwargs), variant, key)
+
+    return get_dummy_components
