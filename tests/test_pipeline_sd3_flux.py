@@ -64,7 +64,8 @@ def test_pipelines_refuse_other_transformers_and_schedulers(family):
     with pytest.raises(TypeError, match="fit_weights needs a FusedTransformer as `transformer`"):
         plain.fit_weights(_target_images(1), "a")
     wrong_class = parts.get_dummy_flux_transformer(0) if family == "sd3" else parts.get_dummy_sd3_transformer(0)
-    with pytest.raises(TypeError, match=f"{fusion_class.__name__} needs a FusedTransformer of .* members \\(or a plain"):
+    refusal = f"{fusion_class.__name__} needs a FusedTransformer of .* members \\(or a plain"
+    with pytest.raises(TypeError, match=refusal):
         fusion_class(**{**components, "transformer": wrong_class})
     with pytest.raises(ValueError, match=f"calls {fusion_class.transformer_class.__name__} members, got a fusion of"):
         fusion_class(**{**components, "transformer": FusedTransformer([wrong_class])})
