@@ -1,8 +1,10 @@
-"""Times one denoising step of a FusedUNet against separate single-UNet forwards (CPU, float32, batch 2).
+"""Times one denoising step of a FusedUNet and of a FusedTransformer against separate single-member forwards (CPU,
+float32, batch 2).
 
-Usage: `python benchmarks/fused_step.py [--repeats 7] [--threads 2]`. Prints a table and writes
-`benchmarks/results/fused_step.json`. Targets: fused / (sum of singles) <= 1.05 and a one-hot 4-member fusion
-<= 1.05 x one single forward.
+Usage: `python benchmarks/fused_step.py [--repeats 7] [--threads 2] [--models unet transformer]`. Prints a table and
+writes `benchmarks/results/fused_step.json`. Targets: fused / (sum of singles) <= 1.05 and a one-hot 4-member fusion
+<= 1.05 x one single forward. The transformer is Flux-shaped (double- and single-stream blocks, rotary ids, packed
+latents) at a mid size comparable to the UNet's.
 """
 
 import argparse
@@ -19,9 +21,9 @@ from typing import Callable, Dict, List
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel  # noqa: E402
 
-from diffusers_scorefusion import FusedUNet  # noqa: E402
+from diffusers_scorefusion import FusedTransformer, FusedUNet  # noqa: E402
 
 BATCH_SIZE = 2
 SEQUENCE_LENGTH = 77
@@ -31,12 +33,63 @@ UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
     attention_head_dim=8, norm_num_groups=32,
 )  # fmt: skip
+# Flux-shaped: 2 double-stream and 4 single-stream blocks of width 256 (4 heads of 64); 32 x 32 latents of 16 channels
+# packed into 256 tokens of 64 channels; 77 text tokens.
+TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4,
+    joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(8, 28, 28),
+)  # fmt: skip
+IMAGE_TOKENS = 256
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fused_step.json")
 
 
 def make_unet(seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(**UNET_CONFIG).eval()
+
+
+def make_transformer(seed: int) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**TRANSFORMER_CONFIG).eval()
+
+
+def unet_call(generator: torch.Generator) -> Callable[[torch.nn.Module], Callable[[], object]]:
+    """One SD-style UNet step: latents 4 x 32 x 32, 77 text tokens."""
+    sample = torch.randn(BATCH_SIZE, 4, 32, 32, generator=generator)  # (B, C, H, W)
+    encoder_hidden_states = torch.randn(BATCH_SIZE, SEQUENCE_LENGTH, 64, generator=generator)  # (B, L, D)
+    timestep = torch.tensor(500)
+    return lambda model: lambda: model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+
+
+def transformer_call(generator: torch.Generator) -> Callable[[torch.nn.Module], Callable[[], object]]:
+    """One Flux-style step, with the keyword arguments `FluxPipeline` passes."""
+    side = int(IMAGE_TOKENS**0.5)
+    img_ids = torch.zeros(IMAGE_TOKENS, 3)
+    img_ids[:, 1], img_ids[:, 2] = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
+    kwargs = dict(
+        hidden_states=torch.randn(BATCH_SIZE, IMAGE_TOKENS, 64, generator=generator),  # (B, L_img, C)
+        encoder_hidden_states=torch.randn(BATCH_SIZE, SEQUENCE_LENGTH, 256, generator=generator),  # (B, L_txt, D)
+        pooled_projections=torch.randn(BATCH_SIZE, 128, generator=generator), timestep=torch.full((BATCH_SIZE,), 0.5),
+        img_ids=img_ids, txt_ids=torch.zeros(SEQUENCE_LENGTH, 3), joint_attention_kwargs={}, return_dict=False,
+    )  # fmt: skip
+    return lambda model: lambda: model(**kwargs)
+
+
+def model_rows(
+    name: str, members: List[torch.nn.Module], fusion_class: type, single: Callable, warmup: int, repeats: int
+) -> List[Dict]:
+    """Rows for k = 1, 2, 4 uniform fusions (vs k separate forwards) and a one-hot 4-member fusion (vs one forward)."""
+    rows = []
+    for k in (1, 2, 4):
+        timing = paired_timings(single(fusion_class(members[:k])), lambda k=k: [single(m)() for m in members[:k]],
+                                warmup, repeats)  # fmt: skip
+        rows.append({"model": name, "case": f"k={k} uniform", "k": k, "baseline": f"{k} separate forwards",
+                     "target": 1.05, **timing})  # fmt: skip
+    one_hot = fusion_class(members, weights=[1.0, 0.0, 0.0, 0.0])
+    timing = paired_timings(single(one_hot), single(members[0]), warmup, repeats)
+    rows.append({"model": name, "case": "k=4 weights [1, 0, 0, 0]", "k": 4, "baseline": "1 single forward",
+                 "target": 1.05, **timing})  # fmt: skip
+    return rows
 
 
 def paired_timings(fused: Callable[[], object], baseline: Callable[[], object], warmup: int, repeats: int) -> Dict:
@@ -82,46 +135,42 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=RESULTS_PATH)
+    parser.add_argument("--models", nargs="+", choices=("unet", "transformer"), default=["unet", "transformer"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    unets = [make_unet(seed) for seed in range(4)]
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(BATCH_SIZE, 4, 32, 32, generator=generator)  # (B, C, H, W)
-    encoder_hidden_states = torch.randn(BATCH_SIZE, SEQUENCE_LENGTH, 64, generator=generator)  # (B, L, D)
-    timestep = torch.tensor(500)
-
-    def single(unet: torch.nn.Module) -> Callable[[], object]:
-        return lambda: unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
-
     rows: List[Dict] = []
+    parameters = {}
     with torch.no_grad():
-        for k in (1, 2, 4):
-            timing = paired_timings(single(FusedUNet(unets[:k])), lambda k=k: [single(unet)() for unet in unets[:k]],
-                                    args.warmup, args.repeats)  # fmt: skip
-            rows.append(
-                {"case": f"k={k} uniform", "k": k, "baseline": f"{k} separate forwards", "target": 1.05, **timing}
-            )
-        one_hot = FusedUNet(unets, weights=[1.0, 0.0, 0.0, 0.0])
-        timing = paired_timings(single(one_hot), single(unets[0]), args.warmup, args.repeats)
-        rows.append(
-            {"case": "k=4 weights [1, 0, 0, 0]", "k": 4, "baseline": "1 single forward", "target": 1.05, **timing}
-        )
+        if "unet" in args.models:
+            unets = [make_unet(seed) for seed in range(4)]
+            parameters["unet"] = sum(p.numel() for p in unets[0].parameters())
+            rows += model_rows("unet", unets, FusedUNet, unet_call(torch.Generator().manual_seed(0)), args.warmup,
+                               args.repeats)  # fmt: skip
+            del unets
+        if "transformer" in args.models:
+            transformers = [make_transformer(seed) for seed in range(4)]
+            parameters["transformer"] = sum(p.numel() for p in transformers[0].parameters())
+            call = transformer_call(torch.Generator().manual_seed(0))
+            rows += model_rows("transformer", transformers, FusedTransformer, call, args.warmup, args.repeats)
 
     print(f"one denoising step, batch {BATCH_SIZE}, float32, CPU ({args.threads} threads), {args.repeats} paired "
           "rounds; medians; ratios = median of per-round ratios; cpu = process CPU time of all threads")  # fmt: skip
-    print(f"{'case':<26} {'baseline':>20} {'fused ms':>9} {'base ms':>8} {'ratio':>6} {'fused cpu':>9} "
+    print(f"{'model':<12}{'case':<26} {'baseline':>20} {'fused ms':>9} {'base ms':>8} {'ratio':>6} {'fused cpu':>9} "
           f"{'base cpu':>8} {'cpu ratio':>9}  target")  # fmt: skip
     for row in rows:
         verdict = "ok" if row["cpu_ratio"] <= row["target"] else "MISSED"
-        print(f"{row['case']:<26} {row['baseline']:>20} {1e3 * row['fused_s']:>9.1f} {1e3 * row['baseline_s']:>8.1f} "
+        print(f"{row['model']:<12}{row['case']:<26} {row['baseline']:>20} {1e3 * row['fused_s']:>9.1f} "
+              f"{1e3 * row['baseline_s']:>8.1f} "
               f"{row['ratio']:>6.3f} {1e3 * row['fused_cpu_s']:>9.1f} {1e3 * row['baseline_cpu_s']:>8.1f} "
               f"{row['cpu_ratio']:>9.3f}  <= {row['target']} (cpu) {verdict}")  # fmt: skip
     write_json_atomically(
         {
             "benchmark": "fused_step",
             "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
-            "parameters_per_member": sum(p.numel() for p in unets[0].parameters()),
+            "transformer_config": {k: list(v) if isinstance(v, tuple) else v for k, v in TRANSFORMER_CONFIG.items()},
+            "transformer_tokens": {"image": IMAGE_TOKENS, "text": SEQUENCE_LENGTH},
+            "parameters_per_member": parameters,
             "batch_size": BATCH_SIZE, "dtype": "float32", "device": "cpu", "threads": args.threads,
             "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__, "platform": platform.platform(),
             "load_average": os.getloadavg(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rows": rows,

@@ -5,9 +5,12 @@ from diffusers.models.modeling_utils import ModelMixin  # Diffusers looks this n
 from . import modeling_fused_unet  # noqa: F401  (the 0.1 on-disk path of FusedUNet; Diffusers resolves it in sys.modules)
 from .fitting import FitResult, fit_weights
 from .fusion.fusion_utils import check_weights, combine_predictions, convert_prediction, solve_simplex_qp
+from .models.modeling_fused_transformer import FusedTransformer
 from .models.modeling_fused_unet import FusedUNet
 from .models.modeling_lora_member import LoraMember
 from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
+from .pipelines.pipeline_score_fusion_flux import ScoreFusionFluxPipeline
+from .pipelines.pipeline_score_fusion_sd3 import ScoreFusionSD3Pipeline
 from .pipelines.pipeline_score_fusion_xl import ScoreFusionXLPipeline
 
 __version__ = "0.1.0"
@@ -23,7 +26,8 @@ def _register_with_diffusers() -> None:
     import diffusers.pipelines
 
     for module in (diffusers, diffusers.pipelines):
-        for pipeline_class in (ScoreFusionPipeline, ScoreFusionXLPipeline):
+        for pipeline_class in (ScoreFusionPipeline, ScoreFusionXLPipeline, ScoreFusionSD3Pipeline,
+                               ScoreFusionFluxPipeline):
             if not hasattr(module, pipeline_class.__name__):
                 setattr(module, pipeline_class.__name__, pipeline_class)
 
@@ -32,10 +36,13 @@ _register_with_diffusers()
 
 __all__ = [
     "FitResult",
+    "FusedTransformer",
     "FusedUNet",
     "LoraMember",
     "ModelMixin",
+    "ScoreFusionFluxPipeline",
     "ScoreFusionPipeline",
+    "ScoreFusionSD3Pipeline",
     "ScoreFusionXLPipeline",
     "check_weights",
     "combine_predictions",

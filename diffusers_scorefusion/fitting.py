@@ -3,27 +3,22 @@
 The loss ``L(lambda) = E w(t) || sum_i lambda_i eps_i(x_t, t) - eps ||^2`` is the quadratic
 ``lambda^T G lambda - 2 b^T lambda + c``: one pass over the data accumulates ``G``, ``b``, ``c`` and the simplex QP is
 solved exactly. ``method="sgd"`` is the paper's reference procedure (softmax logits, SGD with momentum).
+Flow-matching members (`FusedTransformer`) minimise the same quadratic with velocities and the target ``eps - x0``.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from .fitting_utils import (
-    check_images,
-    check_options,
-    member_inputs,
-    noised_batches,
-    provenance_record,
-    reduce_sum,
-    resolve_timestep_range,
-    shared_seed,
-)
+from .fitting_encoding import encode_for_fitting, encode_images  # noqa: F401  (their 0.1 import path)
+from .fitting_schedules import noising_process
+from .fitting_utils import check_options, member_inputs, noised_batches, provenance_record, reduce_sum, shared_seed
 from .fusion.fusion_utils import quadratic_loss, solve_simplex_qp
-from .models.modeling_fused_unet import FusedUNet, check_scheduler_matches
+from .models.modeling_fused_transformer import FusedTransformer
+from .models.modeling_fused_unet import FusedUNet
 
 METHODS = ("exact", "sgd")
 
@@ -164,15 +159,19 @@ def _sgd(
 
 
 def fit_weights(
-    fused: FusedUNet,
+    fused: Union[FusedUNet, FusedTransformer],
     noise_scheduler: Any,
     latents: torch.Tensor,
     encoder_hidden_states: Optional[torch.Tensor] = None,
     *,
     unet_kwargs: Optional[Dict[str, Any]] = None,
+    transformer_kwargs: Optional[Dict[str, Any]] = None,
+    shared_kwargs: Optional[Dict[str, Any]] = None,
     method: str = "exact",
     num_noise_draws: int = 8,
-    timestep_range: Union[str, Tuple[int, int]] = "full",
+    timestep_range: Union[str, Tuple[float, float]] = "full",
+    timestep_density: Optional[str] = None,
+    timestep_scale: Optional[float] = None,
     weighting: str = "uniform",
     snr_gamma: float = 5.0,
     num_timestep_bins: int = 1,
@@ -193,25 +192,40 @@ def fit_weights(
     For each target sample, `num_noise_draws` timesteps and noises are drawn, the k frozen members run once under
     `torch.no_grad()`, and ``G = E[w eps_i . eps_j]``, ``b = E[w eps_i . target]``, ``c = E[w |target|^2]`` are
     accumulated; ``min lambda^T G lambda - 2 b^T lambda`` over the simplex is then solved exactly (members can get
-    weight exactly 0). The target is the noise (`"epsilon"`), the velocity (`"v_prediction"`) or the clean sample
-    (`"sample"`), following `fused.config.prediction_type`.
+    weight exactly 0). For a [`FusedUNet`] the target is the noise (`"epsilon"`), the velocity (`"v_prediction"`) or
+    the clean sample (`"sample"`), following `fused.config.prediction_type`. For a [`FusedTransformer`] of flow-matching
+    members, ``x_t = (1 - t) x0 + t eps`` with ``t`` drawn as Diffusers' training scripts draw it (`timestep_density`,
+    then the scheduler's training shift) and the target is the velocity ``eps - x0``.
 
     Args:
-        fused ([`FusedUNet`]): the members; left unchanged unless `set_weights=True`.
-        noise_scheduler (`SchedulerMixin`): the members' training noise schedule (its `alphas_cumprod`); its
-            `prediction_type` and schedule must match `fused`.
-        latents (`torch.Tensor`): the target samples in model space `(N, C, H, W)` (VAE latents times the scaling
-            factor for Stable Diffusion, pixels in [-1, 1] for a pixel-space model), in `fused`'s dtype.
+        fused ([`FusedUNet`] or [`FusedTransformer`]): the members; left unchanged unless `set_weights=True`.
+        noise_scheduler (`SchedulerMixin`): the members' training noise schedule: for a `FusedUNet` a DDPM-family
+            scheduler (its `alphas_cumprod`) whose `prediction_type` and schedule match `fused`; for a
+            `FusedTransformer` a flow-matching scheduler (its `num_train_timesteps`, and its `shift` unless
+            `use_dynamic_shifting`) matching the members' schedule when `fused` records one.
+        latents (`torch.Tensor`): the target samples in model space `(N, C, H, W)` (VAE latents shifted and scaled
+            as the VAE config says, pixels in [-1, 1] for a pixel-space model; Flux: packed `(N, L, C)`), in `fused`'s
+            dtype.
         encoder_hidden_states (`torch.Tensor`, *optional*): per-sample conditioning `(N, L, D)`; `None` for
             unconditional members.
-        unet_kwargs (`dict`, *optional*): more member inputs (e.g. SDXL's `added_cond_kwargs`). Tensors (also inside
+        unet_kwargs, transformer_kwargs (`dict`, *optional*): more member inputs, for a `FusedUNet` (e.g. SDXL's
+            `added_cond_kwargs`) or a `FusedTransformer` (e.g. `pooled_projections`, `guidance`). Tensors (also inside
             nested dicts) whose first dimension is N are indexed with the samples; other values are passed as is.
+        shared_kwargs (`dict`, *optional*): member inputs passed as they are to every batch, never indexed (e.g.
+            Flux's `img_ids` and `txt_ids`, whose first dimension is a sequence length).
         method (`str`): `"exact"` (one pass and the exact QP) or `"sgd"` (the paper's softmax-logit SGD).
         num_noise_draws (`int`): noise levels and noises drawn per target sample.
-        timestep_range (`str` or `(int, int)`): `"full"` (the whole schedule, the paper's EMNIST setting),
-            `"small_t"` (timesteps with ``sigma_t <= 0.1``: the barycenter of the clean distributions, the paper's 1-D
-            setting) or inclusive integer bounds `(t_min, t_max)`.
-        weighting (`str`): w(t): `"uniform"`, `"snr"` or `"min_snr"` (with `snr_gamma`).
+        timestep_range (`str` or `(low, high)`): `"full"` (the whole schedule, the paper's EMNIST setting),
+            `"small_t"` (noise std ``sigma_t <= 0.1``, for flow matching ``t <= 0.1``: the barycenter of the clean
+            distributions, the paper's 1-D setting) or bounds in the members' timestep units (inclusive integers for
+            a `FusedUNet`; for a `FusedTransformer` ``low < high`` in ``[0, timestep_scale]``).
+        timestep_density (`str`, *optional*): `FusedTransformer` only: `"uniform"` (default; Diffusers' Flux
+            training script) or `"logit_normal"` (mean 0, std 1; the SD3 paper and script).
+        timestep_scale (`float`, *optional*): `FusedTransformer` only: the members take ``timestep = t *
+            timestep_scale``. Defaults to `num_train_timesteps` (SD3, Sana: the scheduler's timesteps); 1 for Flux and
+            QwenImage, whose pipelines pass ``timestep / 1000``. Timestep bins and `timestep_range` use these units.
+        weighting (`str`): w(t): `"uniform"`, `"snr"` or `"min_snr"` (with `snr_gamma`); flow-matching fits take
+            `"uniform"` only.
         num_timestep_bins (`int`): > 1 fits one weight vector per equal-width timestep bin from the same pass.
         batch_size (`int`): noised samples per member forward.
         generator (`torch.Generator`, *optional*): makes the noise reproducible; each sample's draws come from a
@@ -228,20 +242,10 @@ def fit_weights(
     Returns:
         [`FitResult`]: weights, loss, per-member losses, forward count, standard errors, the quadratic, provenance.
     """
-    if not isinstance(fused, FusedUNet):
-        raise TypeError(f"fused must be a FusedUNet, got {type(fused).__name__}")
+    if not isinstance(fused, (FusedUNet, FusedTransformer)):
+        raise TypeError(f"fused must be a FusedUNet or a FusedTransformer, got {type(fused).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    alphas_cumprod = getattr(noise_scheduler, "alphas_cumprod", None)
-    if not isinstance(alphas_cumprod, torch.Tensor) or not hasattr(noise_scheduler, "config"):
-        raise TypeError(
-            "noise_scheduler must be a Diffusers scheduler with alphas_cumprod (a DDPM-family scheduler), got "
-            f"{type(noise_scheduler).__name__} {noise_scheduler!r:.80}"
-        )
-    if alphas_cumprod.numel() == 0 or not (torch.isfinite(alphas_cumprod).all() and (alphas_cumprod >= 0).all()
-                                            and (alphas_cumprod <= 1).all()):  # fmt: skip
-        raise ValueError(f"noise_scheduler.alphas_cumprod must be finite numbers in [0, 1], got {alphas_cumprod[:5]}...")
-    check_scheduler_matches(fused, noise_scheduler)
     options = check_options(
         num_noise_draws=num_noise_draws, weighting=weighting, snr_gamma=snr_gamma, num_timestep_bins=num_timestep_bins,
         batch_size=batch_size, num_bootstrap=num_bootstrap, num_epochs=num_epochs, learning_rate=learning_rate,
@@ -257,13 +261,17 @@ def fit_weights(
             f"method='sgd' fits one weight vector on one process; got num_timestep_bins={num_timestep_bins}, "
             f"{num_processes} processes (use method='exact')"
         )
-    inputs = member_inputs(fused, latents, encoder_hidden_states, unet_kwargs)
-    t_min, t_max = resolve_timestep_range(timestep_range, alphas_cumprod)
-    if num_timestep_bins > t_max - t_min + 1:
-        raise ValueError(
-            f"num_timestep_bins={num_timestep_bins} exceeds the {t_max - t_min + 1} timesteps in [{t_min}, {t_max}]"
-        )
-    bin_edges = torch.linspace(t_min, t_max + 1, num_timestep_bins + 1, dtype=torch.float64)
+    process = noising_process(fused, noise_scheduler, timestep_range, weighting, snr_gamma, timestep_density,
+                              timestep_scale)  # fmt: skip
+    kwargs_name, wrong_name = ("transformer_kwargs", "unet_kwargs")
+    if isinstance(fused, FusedUNet):
+        kwargs_name, wrong_name = wrong_name, kwargs_name
+    given = {"unet_kwargs": unet_kwargs, "transformer_kwargs": transformer_kwargs}
+    if given[wrong_name] is not None:
+        raise ValueError(f"{wrong_name} is for a {'FusedUNet' if wrong_name == 'unet_kwargs' else 'FusedTransformer'}; "
+                         f"pass the {type(fused).__name__}'s inputs as {kwargs_name}")  # fmt: skip
+    inputs = member_inputs(fused, latents, encoder_hidden_states, given[kwargs_name], kwargs_name, shared_kwargs)
+    bin_edges = process.bin_edges(num_timestep_bins)
 
     seed = shared_seed(generator, accelerator)
     num_samples, num_members = latents.shape[0], fused.config.num_members
@@ -272,8 +280,7 @@ def fit_weights(
     is_main = accelerator is None or accelerator.is_main_process
 
     def batches() -> Iterator[Dict[str, torch.Tensor]]:
-        return noised_batches(fused, alphas_cumprod, latents, inputs, indices, seed, (t_min, t_max), bin_edges,
-                              options)  # fmt: skip
+        return noised_batches(fused, process, latents, inputs, indices, seed, bin_edges, options)
 
     sums = _zero_sums(num_samples, num_timestep_bins, num_members)
     total = options["num_epochs"] if method == "sgd" else len(indices)
@@ -286,13 +293,13 @@ def fit_weights(
     sums = {name: reduce_sum(value, accelerator) for name, value in sums.items()}
     num_forward_passes = int(reduce_sum(torch.tensor([float(num_forward_passes)]), accelerator).item())
     range_name = timestep_range if isinstance(timestep_range, str) else None
-    info = dict(method=method, timestep_range=[t_min, t_max], timestep_range_name=range_name,
+    info = dict(method=method, process_record=process.record(), timestep_range_name=range_name,
                 num_processes=num_processes, latents=latents, member_inputs=inputs, **options)  # fmt: skip
     return _finish(fused, sums, sgd_weights, num_forward_passes, bin_edges, seed, info)
 
 
 def _finish(
-    fused: FusedUNet,
+    fused: Union[FusedUNet, FusedTransformer],
     sums: Dict[str, torch.Tensor],
     sgd_weights: Optional[torch.Tensor],
     num_forward_passes: int,
@@ -324,76 +331,3 @@ def _finish(
     if info["set_weights"]:
         fused.set_weights(result_weights, timestep_bin_edges=edges, provenance=provenance)
     return result
-
-
-def encode_images(
-    pipe: Any,
-    images: Any,
-    prompts: Union[str, Sequence[str]],
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    batch_size: int = 8,
-) -> Tuple[torch.Tensor, List[str]]:
-    r"""
-    VAE latents of target images and one caption per image, for fitting through a pipeline.
-
-    Images are PIL images (converted to RGB as PIL does), or numpy arrays `(H, W, 3)` / tensors `(3, H, W)` (or
-    batches of them) of uint8 pixels in 0..255 or floats in [0, 1] (or [-1, 1]); anything else is refused (see
-    `fitting_utils.check_images`). Their size, or `height` and `width` (which resize), must be multiples of the VAE
-    factor. They go through the pipeline's `VaeImageProcessor`; latents are the mean of the VAE posterior (deterministic: the same images always give the
-    same latents and data fingerprint), shifted by `vae.config.shift_factor` when set and times
-    `vae.config.scaling_factor`, in the UNet's dtype. The VAE runs in float32 when `vae.config.force_upcast` (the SDXL
-    VAE overflows in float16).
-
-    Returns:
-        `(latents, prompts)`: `(N, C, h, w)` and a list of N strings.
-    """
-    images = check_images(images, height, width, pipe.image_processor.config.vae_scale_factor)
-    pixels = pipe.image_processor.preprocess(images, height=height, width=width)  # (N, 3, H, W) in [-1, 1]
-    num_images = pixels.shape[0]
-    if num_images == 0:
-        raise ValueError("images is empty: fitting needs at least one target image")
-    if isinstance(prompts, str):
-        prompts = [prompts] * num_images
-    if not isinstance(prompts, (list, tuple)) or not all(isinstance(prompt, str) for prompt in prompts):
-        raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.200}")
-    if len(prompts) != num_images:
-        raise ValueError(f"got {num_images} images but {len(prompts)} prompts; give one prompt per image or one string")
-    if not torch.isfinite(pixels).all():
-        raise ValueError("images contain NaN or inf")
-    device, vae = pipe._execution_device, pipe.vae
-    vae_dtype, shift = vae.dtype, getattr(vae.config, "shift_factor", None) or 0.0
-    upcast = getattr(vae.config, "force_upcast", False) and vae_dtype != torch.float32
-    latents = []
-    try:
-        if upcast:
-            vae.to(torch.float32)
-        with torch.no_grad():
-            for start in range(0, num_images, batch_size):
-                chunk = pixels[start : start + batch_size].to(device=device, dtype=vae.dtype)
-                latents.append((vae.encode(chunk).latent_dist.mean - shift) * vae.config.scaling_factor)
-    finally:
-        if upcast:
-            vae.to(vae_dtype)
-    return torch.cat(latents).to(pipe.unet.dtype), list(prompts)
-
-
-def encode_for_fitting(
-    pipe: Any,
-    images: Any,
-    prompts: Union[str, Sequence[str]],
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    batch_size: int = 8,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""
-    Encodes target images and captions with a Stable Diffusion pipeline's VAE and text encoder ([`encode_images`];
-    prompts without classifier-free guidance).
-
-    Returns:
-        `(latents, prompt_embeds)`: `(N, C, h, w)` and `(N, L, D)`.
-    """
-    latents, prompts = encode_images(pipe, images, prompts, height=height, width=width, batch_size=batch_size)
-    with torch.no_grad():
-        prompt_embeds, _ = pipe.encode_prompt(prompts, pipe._execution_device, 1, False)
-    return latents, prompt_embeds.to(pipe.unet.dtype)

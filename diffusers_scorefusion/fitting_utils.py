@@ -8,14 +8,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .fusion.fusion_utils import (
-    LOSS_WEIGHTINGS,
-    alpha_sigma,
-    denoising_target,
-    loss_weighting,
-    score_matching_statistics,
-    timestep_bins,
-)
+from .fusion.fusion_utils import LOSS_WEIGHTINGS, score_matching_statistics, timestep_bins
 
 TIMESTEP_RANGES = ("full", "small_t")
 SMALL_T_MAX_SIGMA = 0.1  # "small_t": timesteps whose noise std sigma_t = sqrt(1 - alphas_cumprod[t]) is at most this
@@ -197,11 +190,12 @@ def shared_seed(generator: Optional[torch.Generator], accelerator: Optional[Any]
 
 
 def _draws(
-    seed: int, index: int, num_draws: int, bounds: Tuple[int, int], shape: Sequence[int]
+    seed: int, index: int, num_draws: int, process: Any, shape: Sequence[int]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sample `index`'s timesteps `(D,)` and noises `(D, C, H, W)`: from its own seed, on the CPU, in float32."""
+    """Sample `index`'s timesteps `(D,)` (drawn by the noising `process`) and noises `(D, ...)`: from its own seed,
+    on the CPU, in float32."""
     generator = torch.Generator().manual_seed(derived_seed(seed, 0, index))
-    timesteps = torch.randint(bounds[0], bounds[1] + 1, (num_draws,), generator=generator)
+    timesteps = process.draw(num_draws, generator)
     noise = torch.randn((num_draws, *shape), generator=generator, dtype=torch.float32)
     return timesteps, noise
 
@@ -217,33 +211,30 @@ def _select(value: Any, rows: torch.Tensor, num_samples: int) -> Any:
 
 def _run_batch(
     fused: Any,
-    alphas_cumprod: torch.Tensor,
+    process: Any,
     latents: torch.Tensor,
-    member_inputs: Dict[str, Any],
+    member_inputs: Tuple[Dict[str, Any], Dict[str, Any]],
     rows: List[Tuple[int, torch.Tensor, torch.Tensor]],
     bin_edges: torch.Tensor,
-    options: Dict[str, Any],
 ) -> Dict[str, torch.Tensor]:
-    """Noises a batch, runs every member once, returns per-row quadratic terms (float64, CPU)."""
+    """Noises a batch with `process`, runs every member once, returns per-row quadratic terms (float64, CPU)."""
     sample_index = torch.tensor([row[0] for row in rows])  # (B,)
     timesteps = torch.stack([row[1] for row in rows])  # (B,)
     noise = torch.stack([row[2] for row in rows]).to(latents.device)  # (B, C, H, W)
     x0 = latents[sample_index.to(latents.device)]  # (B, C, H, W)
-    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, timesteps)  # (B,)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    alpha, sigma = alpha_t.to(x0.device).reshape(shape), sigma_t.to(x0.device).reshape(shape)
-    sample = (alpha * x0.to(torch.float64) + sigma * noise.to(torch.float64)).to(latents.dtype)  # x_t
-    kwargs = _select(member_inputs, sample_index, latents.shape[0])
+    sample = process.noisy_sample(x0, noise, timesteps)  # x_t
+    per_sample, shared = member_inputs
+    kwargs = {**_select(per_sample, sample_index, latents.shape[0]), **shared}
     with torch.no_grad():
-        outputs = fused.member_outputs(sample, timesteps.to(latents.device), **kwargs)  # (k, B, C, H, W)
+        outputs = fused.member_outputs(sample, process.model_timesteps(timesteps, sample), **kwargs)  # (k, B, C, H, W)
     finite = torch.isfinite(outputs).flatten(1).all(1)  # (k,)
     if not finite.all():
         raise ValueError(
             f"members {(~finite).nonzero().flatten().tolist()} returned NaN or inf on samples "
             f"{sorted(set(sample_index.tolist()))[:10]} at timesteps {timesteps.tolist()[:10]}; no weights were set"
         )
-    target = denoising_target(x0, noise, alpha_t, sigma_t, fused.config.prediction_type)  # (B, C, H, W)
-    loss_weights = loss_weighting(timesteps, alphas_cumprod, options["weighting"], options["snr_gamma"])  # w(t), (B,)
+    target = process.target(x0, noise, timesteps)  # (B, C, H, W)
+    loss_weights = process.loss_weights(timesteps)  # w(t), (B,)
     gram, linear, constant = score_matching_statistics(outputs, target, loss_weights.to(x0.device))
     return dict(sample_index=sample_index, bin=timestep_bins(timesteps, bin_edges), gram=gram.cpu(),
                 linear=linear.cpu(), constant=constant.cpu())  # fmt: skip
@@ -251,26 +242,27 @@ def _run_batch(
 
 def noised_batches(
     fused: Any,
-    alphas_cumprod: torch.Tensor,
+    process: Any,
     latents: torch.Tensor,
-    member_inputs: Dict[str, Any],
+    member_inputs: Tuple[Dict[str, Any], Dict[str, Any]],
     indices: Sequence[int],
     seed: int,
-    bounds: Tuple[int, int],
     bin_edges: torch.Tensor,
     options: Dict[str, Any],
 ) -> Iterator[Dict[str, torch.Tensor]]:
-    """Per-row quadratic terms for `indices`' samples, `num_noise_draws` rows each, `batch_size` rows per forward."""
+    """Per-row quadratic terms for `indices`' samples, `num_noise_draws` rows each, `batch_size` rows per forward.
+
+    `member_inputs` is `(per_sample, shared)`: the first are indexed with each batch's samples."""
     pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
     batch_size = options["batch_size"]
     for index in indices:
-        timesteps, noise = _draws(seed, index, options["num_noise_draws"], bounds, latents.shape[1:])
+        timesteps, noise = _draws(seed, index, options["num_noise_draws"], process, latents.shape[1:])
         pending.extend((index, timesteps[d], noise[d]) for d in range(timesteps.numel()))
         while len(pending) >= batch_size:
-            yield _run_batch(fused, alphas_cumprod, latents, member_inputs, pending[:batch_size], bin_edges, options)
+            yield _run_batch(fused, process, latents, member_inputs, pending[:batch_size], bin_edges)
             pending = pending[batch_size:]
     if pending:
-        yield _run_batch(fused, alphas_cumprod, latents, member_inputs, pending, bin_edges, options)
+        yield _run_batch(fused, process, latents, member_inputs, pending, bin_edges)
 
 
 def data_fingerprint(tensors: Sequence[Optional[torch.Tensor]]) -> str:
@@ -286,29 +278,46 @@ def data_fingerprint(tensors: Sequence[Optional[torch.Tensor]]) -> str:
 
 
 def member_inputs(
-    fused: Any, latents: Any, encoder_hidden_states: Optional[torch.Tensor], unet_kwargs: Optional[Dict[str, Any]]
-) -> Dict[str, Any]:
-    """Validates the data and returns the keyword arguments the members get (before per-batch indexing)."""
+    fused: Any,
+    latents: Any,
+    encoder_hidden_states: Optional[torch.Tensor],
+    unet_kwargs: Optional[Dict[str, Any]],
+    kwargs_name: str = "unet_kwargs",
+    shared_kwargs: Optional[Dict[str, Any]] = None,
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Validates the data; returns the keyword arguments the members get: `(per_sample, shared)`.
+
+    `unet_kwargs` (named `kwargs_name` in messages) are indexed per batch where their first dimension is N;
+    `shared_kwargs` are passed to every batch as they are. Latents are `(N, C, ...)`, or for a `FusedTransformer`
+    also packed `(N, L, C)` (Flux), the channels last.
+    """
     check_tensor(latents, "latents")
     if latents.ndim < 2 or latents.shape[0] == 0:
         raise ValueError(f"latents must have shape (N, C, ...) with N >= 1, got shape {tuple(latents.shape)}")
-    if latents.shape[1] != fused.config.in_channels:
+    packed = latents.ndim == 3 and hasattr(fused, "transformers")
+    channels = latents.shape[-1] if packed else latents.shape[1]
+    if channels != fused.config.in_channels:
+        layout = "packed (N, L, C) latents have" if packed else "latents have"
+        raise ValueError(f"{layout} {channels} channels but the members take in_channels={fused.config.in_channels}")
+    out_channels = fused.config.out_channels or fused.config.in_channels  # transformers may leave it None: same
+    if out_channels != fused.config.in_channels:
         raise ValueError(
-            f"latents have {latents.shape[1]} channels but the members take in_channels={fused.config.in_channels}"
-        )
-    if fused.config.out_channels != fused.config.in_channels:
-        raise ValueError(
-            f"members output {fused.config.out_channels} channels for {fused.config.in_channels} input channels; "
+            f"members output {out_channels} channels for {fused.config.in_channels} input channels; "
             "fitting needs predictions of the sample's shape"
         )
-    if latents.dtype != fused.dtype:  # devices may differ: FusedUNet hands each member its inputs on its device
+    if latents.dtype != fused.dtype:  # devices may differ: the fusion hands each member its inputs on its device
         raise ValueError(f"latents are {latents.dtype} but the members are {fused.dtype}; convert them with .to()")
-    if unet_kwargs is not None and not isinstance(unet_kwargs, dict):
-        raise TypeError(f"unet_kwargs must be a dict, got {type(unet_kwargs).__name__}")
+    for name, value in ((kwargs_name, unet_kwargs), ("shared_kwargs", shared_kwargs)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
     member_inputs = dict(unet_kwargs or {})
+    shared = dict(shared_kwargs or {})
+    both = sorted(set(member_inputs) & set(shared))
+    if both:
+        raise ValueError(f"{both} given both in {kwargs_name} and in shared_kwargs")
     if encoder_hidden_states is not None:
-        if "encoder_hidden_states" in member_inputs:
-            raise ValueError("encoder_hidden_states given both as an argument and in unet_kwargs")
+        if "encoder_hidden_states" in member_inputs or "encoder_hidden_states" in shared:
+            raise ValueError(f"encoder_hidden_states given both as an argument and in {kwargs_name} or shared_kwargs")
         check_tensor(encoder_hidden_states, "encoder_hidden_states")
         if encoder_hidden_states.ndim < 2 or encoder_hidden_states.shape[0] != latents.shape[0]:
             raise ValueError(
@@ -324,8 +333,9 @@ def member_inputs(
                 + (f" for each of {expected // width} text encoders ({expected})" if expected != width else "")
             )
         member_inputs["encoder_hidden_states"] = encoder_hidden_states
-    check_finite_inputs(member_inputs, "unet_kwargs")
-    return member_inputs
+    check_finite_inputs(member_inputs, kwargs_name)
+    check_finite_inputs(shared, "shared_kwargs")
+    return member_inputs, shared
 
 
 def check_finite_inputs(value: Any, name: str) -> None:
@@ -353,7 +363,7 @@ def provenance_record(
         library=f"diffusers-scorefusion {__version__}",
         num_samples=int(info["latents"].shape[0]),
         num_noise_draws=info["num_noise_draws"],
-        timestep_range=info["timestep_range"],
+        **info["process_record"],
         timestep_range_name=info["timestep_range_name"],
         weighting=info["weighting"],
         num_timestep_bins=info["num_timestep_bins"],
@@ -367,7 +377,7 @@ def provenance_record(
         seed=None if info["generator"] is None else int(info["generator"].initial_seed()),
         noise_seed=seed,
         num_processes=info["num_processes"],
-        data_fingerprint=data_fingerprint([info["latents"], info["member_inputs"].get("encoder_hidden_states")]),
+        data_fingerprint=data_fingerprint([info["latents"], info["member_inputs"][0].get("encoder_hidden_states")]),
     )
     if info["weighting"] == "min_snr":
         provenance["snr_gamma"] = info["snr_gamma"]

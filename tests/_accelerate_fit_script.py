@@ -1,6 +1,7 @@
 """Fits weights on a fixed conditional Gaussian problem and writes each process's result to `<out_dir>/rank<i>.json`.
 
-Then fits again with a member that returns NaN on process 1 only, and records each process's error.
+Then fits again with a member that returns NaN on process 1 only, and records each process's error; and fits
+flow-matching members (`run_flow`) the same way.
 
 Run by tests/test_fitting_accelerate.py with `accelerate launch --num_processes 2 --cpu` (and imported for the
 one-process reference). An odd number of samples makes the two shards unequal.
@@ -13,6 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _gaussian_flow_members as flow  # noqa: E402
 from _gaussian_members import barycenter_samples, gaussian_fusion, member_means  # noqa: E402
 
 from diffusers_scorefusion import fit_weights  # noqa: E402
@@ -72,11 +74,28 @@ def run(accelerator=None, broken_member: bool = False) -> dict:
     )
 
 
+def run_flow(accelerator=None) -> dict:
+    """A flow-matching fit (exact Gaussian velocity members, logit-normal timesteps) on this process."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    means = flow.member_means(3)
+    fused = flow.gaussian_flow_fusion(means)
+    result = fit_weights(
+        fused, FlowMatchEulerDiscreteScheduler(shift=3.0), flow.barycenter_samples(means, [0.2, 0.5, 0.3], NUM_SAMPLES),
+        num_noise_draws=3, batch_size=4, num_timestep_bins=2, num_bootstrap=50, timestep_density="logit_normal",
+        generator=torch.Generator().manual_seed(0), accelerator=accelerator, progress_bar=False,
+    )  # fmt: skip
+    return dict(weights=result.weights.tolist(), standard_errors=result.standard_errors.tolist(),
+                gram=result.gram.tolist(), num_forward_passes=result.num_forward_passes,
+                provenance=result.provenance)  # fmt: skip
+
+
 if __name__ == "__main__":
     from accelerate import PartialState
 
     state = PartialState(cpu=True)  # torchrun on CPU: gloo
     output = run(state)
+    output["flow"] = run_flow(state)
     try:  # a member fails on process 1 only: every process must raise, none may hang
         run(state, broken_member=state.process_index == 1)
         output["failure"] = None

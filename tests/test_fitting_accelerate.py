@@ -52,6 +52,17 @@ def test_two_processes_equal_one_process(two_process_results):
     assert single["num_forward_passes"] == 3 * math.ceil(script.NUM_SAMPLES * 3 / 4)
 
 
+def test_two_processes_equal_one_process_for_flow_matching(two_process_results):
+    single = script.run_flow()
+    for result in two_process_results:
+        for key in ("weights", "standard_errors", "gram"):
+            np.testing.assert_allclose(result["flow"][key], single[key], rtol=1e-9, atol=1e-12, err_msg=key)
+        assert result["flow"]["num_forward_passes"] == 3 * sum(math.ceil(n * 3 / 4) for n in (7, 6))  # shards 7, 6
+        assert result["flow"]["provenance"]["num_processes"] == 2 and result["flow"]["provenance"]["objective"] == (
+            "flow_matching"
+        )
+
+
 def test_a_failure_on_one_process_is_raised_on_every_process(two_process_results):
     assert "members [1] returned NaN" in two_process_results[1]["failure"]
     assert "1 other process(es) failed" in two_process_results[0]["failure"]

@@ -1,8 +1,9 @@
-"""Checks and small helpers for `FusedUNet` members: interfaces, noise schedules, prediction types, encoders."""
+"""Checks and small helpers for fusion members (`FusedUNet`, `FusedTransformer`): interfaces, noise schedules,
+prediction types, encoders."""
 
 import math
 import numbers
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin
@@ -134,17 +135,23 @@ def check_members(unets: List[nn.Module]) -> Dict[str, Any]:
             value = plain(config_get(unet.config, key))
             if value != expected:
                 raise ValueError(f"member {i} has {key}={value!r} but member 0 has {key}={expected!r}")
-    dtypes = [next(unet.parameters(), torch.empty(0)).dtype for unet in unets]
+    check_member_dtypes(unets)
+    return reference
+
+
+def check_member_dtypes(members: Sequence[nn.Module]) -> None:
+    """Refuses members whose parameters have another dtype than member 0's."""
+    dtypes = [next(member.parameters(), torch.empty(0)).dtype for member in members]
     for i, dtype in enumerate(dtypes[1:], start=1):
         if dtype != dtypes[0]:
             raise ValueError(f"member {i} has dtype {dtype} but member 0 has dtype {dtypes[0]}")
-    return reference
+
 
 def distinct_models(members: Sequence[nn.Module]) -> List[nn.Module]:
     """The distinct models behind the members, in order: `LoraMember`s of one base share that base."""
     models: List[nn.Module] = []
     for member in members:
-        model = getattr(member, "base", member)
+        model = member_model(member)
         if not any(model is known for known in models):
             models.append(model)
     return models
@@ -174,15 +181,23 @@ def shared_member_config(members: Sequence[nn.Module]) -> Dict[str, Any]:
     return shared
 
 
-def check_member_schedules(member_schedulers: Optional[Sequence[Any]], num_members: int) -> Optional[Dict[str, Any]]:
-    """The members' shared noise schedule (refusing members whose schedules differ), or `None` if not given."""
+def check_member_schedules(
+    member_schedulers: Optional[Sequence[Any]],
+    num_members: int,
+    schedule_of: Callable[[Any], Dict[str, Any]] = noise_schedule_of,
+) -> Optional[Dict[str, Any]]:
+    """The members' shared noise schedule (refusing members whose schedules differ), or `None` if not given.
+
+    `schedule_of` reads the part of a scheduler that must agree ([`noise_schedule_of`] or [`flow_schedule_of`]).
+    """
     if member_schedulers is None:
         return None
     if len(member_schedulers) != num_members:
         raise ValueError(f"member_schedulers must hold {num_members} entries (one per member), got {len(member_schedulers)}")
-    schedules = [noise_schedule_of(scheduler) for scheduler in member_schedulers]
-    for i, schedule in enumerate(schedules):
-        check_noise_schedule(schedule, f"member {i}'s noise schedule")
+    schedules = [schedule_of(scheduler) for scheduler in member_schedulers]
+    if schedule_of is noise_schedule_of:
+        for i, schedule in enumerate(schedules):
+            check_noise_schedule(schedule, f"member {i}'s noise schedule")
     for i, schedule in enumerate(schedules[1:], start=1):
         differing = {key: (schedule[key], schedules[0][key]) for key in schedule if schedule[key] != schedules[0][key]}
         if differing:
@@ -239,3 +254,85 @@ def text_encoder_slots(
             found = len(encoders) - 1
         slots.append(found + 1)
     return (slots, encoders) if encoders else (None, [])
+
+
+# ----------------------------------------------------------------------------------------------- transformer members
+def member_model(member: nn.Module) -> nn.Module:
+    """The model behind a member: a `LoraMember`'s shared base (it has `base` and `adapter_name`), else the member."""
+    base = getattr(member, "base", None)
+    return base if isinstance(base, nn.Module) and isinstance(getattr(member, "adapter_name", None), str) else member
+
+
+def public_config(config: Any) -> Dict[str, Any]:
+    """A model config (a Diffusers `FrozenDict` or an object with attributes) as a dict without private `_` keys."""
+    return {key: plain(value) for key, value in _config_dict(config).items() if not key.startswith("_")}
+
+
+def check_transformer_members(members: Sequence[Any]) -> Tuple[Dict[str, Any], str]:
+    """Refuses members that are not modules of one class with one config; returns that config and the class name.
+
+    A `LoraMember` counts as its base's class. Every config key must agree (members are fine-tunes of one model).
+    """
+    for i, member in enumerate(members):
+        if not isinstance(member, nn.Module):
+            raise TypeError(f"member {i} must be a torch.nn.Module, got {type(member).__name__}")
+        config = getattr(member, "config", None)
+        if config is None or config_get(config, "in_channels") is None:
+            raise TypeError(
+                f"member {i} ({type(member).__name__}) needs a `config` with in_channels, as Diffusers transformers "
+                "have"
+            )
+    classes = [type(member_model(member)) for member in members]
+    for i, cls in enumerate(classes[1:], start=1):
+        if cls is not classes[0]:
+            raise ValueError(f"member {i} is a {cls.__name__} but member 0 is a {classes[0].__name__}")
+    reference = public_config(members[0].config)
+    for i, member in enumerate(members[1:], start=1):
+        config = public_config(member.config)
+        keys = sorted(set(config) | set(reference))
+        differing = [f"{key}={config.get(key)!r} vs {reference.get(key)!r}" for key in keys
+                     if config.get(key) != reference.get(key)]  # fmt: skip
+        if differing:
+            raise ValueError(f"member {i}'s config differs from member 0's (member {i} vs member 0): {differing[:5]}")
+    check_member_dtypes(members)
+    return reference, classes[0].__name__
+
+
+def scheduler_class_and_config(scheduler: Union[ConfigMixin, Dict[str, Any]]) -> Tuple[str, Any]:
+    """`(class name, config)` of a scheduler or a scheduler config dict (its `_class_name`)."""
+    if isinstance(scheduler, dict):
+        return str(scheduler.get("_class_name", "")), scheduler
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        raise TypeError(f"expected a Diffusers scheduler or a scheduler config dict, got {type(scheduler).__name__}")
+    return type(scheduler).__name__, config
+
+
+def is_flow_matching(scheduler: Union[ConfigMixin, Dict[str, Any]]) -> bool:
+    """Whether a scheduler takes velocities: a `FlowMatch*` scheduler or `prediction_type="flow_prediction"`."""
+    name, config = scheduler_class_and_config(scheduler)
+    return name.startswith("FlowMatch") or config_get(config, "prediction_type") == "flow_prediction"
+
+
+def flow_schedule_of(scheduler: Union[ConfigMixin, Dict[str, Any]]) -> Dict[str, Any]:
+    """The training schedule of a flow-matching scheduler: `num_train_timesteps` and the `shift` of the training
+    timestep density.
+
+    Diffusers' training scripts draw timesteps from the scheduler as it is built, which applies `shift` only when
+    `use_dynamic_shifting` is off (Flux's scheduler shifts at sampling time only: its training shift is 1).
+    `DPMSolverMultistepScheduler` / `UniPCMultistepScheduler` with flow sigmas name it `flow_shift`.
+    """
+    name, config = scheduler_class_and_config(scheduler)
+    if not is_flow_matching(scheduler):
+        raise ValueError(
+            f"expected a flow-matching scheduler (FlowMatch* or prediction_type='flow_prediction'), got {name or 'a'} "
+            f"config with prediction_type={config_get(config, 'prediction_type')!r}"
+        )
+    shift = config_get(config, "shift" if name.startswith("FlowMatch") else "flow_shift")
+    shift = 1.0 if shift is None or config_get(config, "use_dynamic_shifting") else shift
+    count = config_get(config, "num_train_timesteps") or 1000
+    if not _is_real(shift) or not shift > 0:
+        raise ValueError(f"{name or 'the scheduler'}'s shift must be a finite number > 0, got {shift!r}")
+    if not _is_int(count) or count < 1:
+        raise ValueError(f"{name or 'the scheduler'}'s num_train_timesteps must be an int >= 1, got {count!r}")
+    return {"num_train_timesteps": int(count), "shift": float(shift)}

@@ -47,11 +47,15 @@ def member_input_device(member: nn.Module, device: torch.device) -> Optional[tor
 
 def run_on_member_device(member: nn.Module, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """`member(sample, *args, **kwargs)` with inputs on the member's device and the output on `sample.device`."""
-    device = sample.device
+    return call_on_member_device(member, sample.device, (sample, *args), kwargs)
+
+
+def call_on_member_device(member: nn.Module, device: torch.device, args: tuple, kwargs: dict) -> Any:
+    """`member(*args, **kwargs)` with inputs moved from `device` to the member's device, the output on `device`."""
     target = member_input_device(member, device)
     if target is not None:
-        sample, args, kwargs = to_device((sample, args, kwargs), target)
-    return to_device(member(sample, *args, **kwargs), device)
+        args, kwargs = to_device((args, kwargs), target)
+    return to_device(member(*args, **kwargs), device)
 
 
 def enable_group_offload_per_member(

@@ -1,6 +1,7 @@
-"""Fused denoisers: `FusedUNet` and its LoRA members."""
+"""Fused denoisers: `FusedUNet`, `FusedTransformer` and their LoRA members."""
 
+from .modeling_fused_transformer import FusedTransformer
 from .modeling_fused_unet import FusedUNet
 from .modeling_lora_member import LoraMember
 
-__all__ = ["FusedUNet", "LoraMember"]
+__all__ = ["FusedTransformer", "FusedUNet", "LoraMember"]

@@ -8,7 +8,7 @@ import re
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -71,10 +71,14 @@ def fusion_loading_kwargs(
     weights: Optional[WeightsLike],
     kwargs: Dict[str, Any],
     text_encoder_class: Optional[type] = None,
+    component: str = "unet",
+    build_fusion: Callable[..., Any] = build_fused_unet,
+    fusion_class: type = FusedUNet,
 ) -> Dict[str, Any]:
     """The `DiffusionPipeline.from_pretrained` kwargs of a fusion pipeline: weights as Diffusers loads them (safetensors
-    only with `allow_pickle=False`), and with `unets`, a `FusedUNet` of them as `unet` (members without a scheduler
-    get the base model's). `verify_weights` and `allow_outside_paths` reach a saved fusion's `FusedUNet.from_pretrained`.
+    only with `allow_pickle=False`), and with members (`unets`), a fusion of them (`build_fusion`: a `FusedUNet` by
+    default) as `component` (`"unet"`; `"transformer"` for transformer pipelines); members without a scheduler get
+    the base model's. `verify_weights` and `allow_outside_paths` reach a saved fusion's `fusion_class.from_pretrained`.
 
     With `text_encoder_class`, the base's text encoder is loaded first, so members whose own equals it share it.
     """
@@ -83,21 +87,26 @@ def fusion_loading_kwargs(
     if use_safetensors is not None:
         kwargs["use_safetensors"] = use_safetensors
     fusion_options = {key: kwargs.pop(key) for key in ("verify_weights", "allow_outside_paths") if key in kwargs}
+    members_name = f"{component}s"
     if unets is None:
         if weights is not None:
-            raise ValueError("weights= needs unets=; to change a loaded fusion's weights use pipe.unet.set_weights()")
-        if fusion_options and "unet" not in kwargs:  # Diffusers would not pass them on: load the fusion here
+            raise ValueError(
+                f"weights= needs {members_name}=; to change a loaded fusion's weights use pipe.{component}.set_weights()"
+            )
+        if fusion_options and component not in kwargs:  # Diffusers would not pass them on: load the fusion here
             dtype = kwargs.get("torch_dtype")
-            dtype = dtype.get("unet", dtype.get("default")) if isinstance(dtype, dict) else dtype
+            dtype = dtype.get(component, dtype.get("default")) if isinstance(dtype, dict) else dtype
             load = {key: kwargs[key] for key in ("cache_dir", "token", "local_files_only", "revision", "use_safetensors")
                     if key in kwargs}  # fmt: skip
-            kwargs["unet"] = FusedUNet.from_pretrained(pretrained_model_name_or_path, subfolder="unet",
-                                                       torch_dtype=dtype, **load, **fusion_options)  # fmt: skip
+            kwargs[component] = fusion_class.from_pretrained(pretrained_model_name_or_path, subfolder=component,
+                                                             torch_dtype=dtype, **load, **fusion_options)  # fmt: skip
         return kwargs
     if fusion_options:
-        raise ValueError(f"{sorted(fusion_options)} apply to a saved fusion; with unets= the members load as given")
-    if "unet" in kwargs:
-        raise ValueError("pass either unet= (a FusedUNet) or unets= (its members), not both")
+        raise ValueError(
+            f"{sorted(fusion_options)} apply to a saved fusion; with {members_name}= the members load as given"
+        )
+    if component in kwargs:
+        raise ValueError(f"pass either {component}= (a fusion) or {members_name}= (its members), not both")
     hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "token", "local_files_only", "revision") if key in kwargs}
     member_kwargs = {
         key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs
@@ -117,7 +126,7 @@ def fusion_loading_kwargs(
             **({"dtype": dtype} if dtype is not None else {}),
         )  # fmt: skip
     base_text_encoder = kwargs.get("text_encoder") if text_encoder_class is not None else None
-    kwargs["unet"] = build_fused_unet(
+    kwargs[component] = build_fusion(
         unets, weights, base_text_encoder=base_text_encoder, base_scheduler=base_scheduler,
         use_safetensors=use_safetensors, **member_kwargs,
     )  # fmt: skip
@@ -127,7 +136,8 @@ def fusion_loading_kwargs(
 FUSION_WEIGHTS_DOC = """
             fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
                 ScoreFusion: the fusion weights for this call only, shape `(k,)` (or the stored `(num_bins, k)`
-                table's shape), on the simplex. Defaults to the fusion's own weights (`unet.fusion_weights`).
+                table's shape), on the simplex. Defaults to the fusion's own weights (`unet.fusion_weights` or
+                `transformer.fusion_weights`).
 """
 
 
@@ -167,13 +177,18 @@ def _with_fusion_weights_doc(doc: str) -> str:
 
 class ScoreFusionPipelineMixin:
     r"""
-    What the ScoreFusion pipelines add to a Diffusers pipeline class whose `unet` is a [`FusedUNet`]: loading from a
-    base model plus member UNets, `fusion_weights=` per call, the scheduler check, atomic saves. Put it first in the
+    What the ScoreFusion pipelines add to a Diffusers pipeline class whose denoiser is a fusion ([`FusedUNet`] as
+    `unet`; [`FusedTransformer`] as `transformer` with `ScoreFusionTransformerPipelineMixin`): loading from a base
+    model plus members, `fusion_weights=` per call, the scheduler check, fitting, atomic saves. Put it first in the
     bases (`class P(ScoreFusionPipelineMixin, StableDiffusionPipeline)`).
     """
 
     # The base's text encoder class when members may bring their own (`None`: members share the pipeline's).
     member_text_encoder_class: Optional[type] = None
+    # The pipeline component that is the fusion, its class, and the check of the pipeline's scheduler against it.
+    fused_component = "unet"
+    fusion_class: type = FusedUNet
+    scheduler_check = staticmethod(check_scheduler_matches)
 
     @classmethod
     def from_pretrained(
@@ -204,10 +219,19 @@ class ScoreFusionPipelineMixin:
                 `verify_weights=False` skips the sha256 check of the members and `allow_outside_paths=True` lets it name
                 members anywhere (see `FusedUNet.from_pretrained`).
         """
+        return cls._from_base(pretrained_model_name_or_path, unets, weights, kwargs)
+
+    @classmethod
+    def _fusion_loading_kwargs(cls, pretrained_model_name_or_path, members, weights, kwargs) -> Dict[str, Any]:
+        return fusion_loading_kwargs(pretrained_model_name_or_path, members, weights, kwargs,
+                                     cls.member_text_encoder_class)  # fmt: skip
+
+    @classmethod
+    def _from_base(cls, pretrained_model_name_or_path, members, weights, kwargs: Dict[str, Any]):
+        """`DiffusionPipeline.from_pretrained` with the fusion of `members` (if given) as the fused component, under
+        the load lock of a ScoreFusion pipeline folder (an interrupted save there is completed first)."""
         with loading_pipeline(pretrained_model_name_or_path, kwargs.get("variant")):
-            kwargs = fusion_loading_kwargs(
-                pretrained_model_name_or_path, unets, weights, kwargs, cls.member_text_encoder_class
-            )
+            kwargs = cls._fusion_loading_kwargs(pretrained_model_name_or_path, members, weights, kwargs)
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs: Any) -> None:
@@ -220,14 +244,15 @@ class ScoreFusionPipelineMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Gives each pipeline class a `__call__` with the stock pipeline's own signature plus `fusion_weights`."""
         super().__init_subclass__(**kwargs)
-        if "__call__" not in cls.__dict__:
+        if "__call__" not in cls.__dict__ and issubclass(cls, DiffusionPipeline):  # not for mixins of the mixin
             cls.__call__ = fusion_call(_stock_call(cls))
 
     @property
-    def fusion_model(self) -> Optional[FusedUNet]:
-        """The fusion behind `unet` (also when `torch.compile(pipe.unet)` wrapped it), or `None` for a plain model."""
-        denoiser = getattr(self.unet, "_orig_mod", self.unet)
-        return denoiser if isinstance(denoiser, FusedUNet) else None
+    def fusion_model(self) -> Optional[Any]:
+        """The fusion behind the fused component (also when `torch.compile` wrapped it), or `None` for a plain model."""
+        denoiser = getattr(self, self.fused_component)
+        denoiser = getattr(denoiser, "_orig_mod", denoiser)
+        return denoiser if isinstance(denoiser, self.fusion_class) else None
 
     def _check_fusion_call(self, fusion_weights: Optional[WeightsLike]) -> Any:
         """The fusion weights' context for one call: the override, after the scheduler check; refuses per-call
@@ -235,11 +260,13 @@ class ScoreFusionPipelineMixin:
         fusion = self.fusion_model
         if fusion is None:
             if fusion_weights is not None:
+                denoiser = getattr(self, self.fused_component)
                 raise TypeError(
-                    f"fusion_weights={fusion_weights!r} needs a FusedUNet as `unet`, got {type(self.unet).__name__}"
+                    f"fusion_weights={fusion_weights!r} needs a {self.fusion_class.__name__} as "
+                    f"`{self.fused_component}`, got {type(denoiser).__name__}"
                 )
             return contextlib.nullcontext()
-        check_scheduler_matches(fusion, self.scheduler)
+        self.scheduler_check(fusion, self.scheduler)
         return fusion.override_weights(fusion_weights)
 
     def fit_weights(
@@ -251,28 +278,34 @@ class ScoreFusionPipelineMixin:
         **options: Any,
     ) -> FitResult:
         r"""
-        Fits the fusion weights to target images and their captions, and sets them on `self.unet` (see [`fit_weights`]).
+        Fits the fusion weights to target images and their captions, and sets them on the fusion (see [`fit_weights`]).
 
         Args:
             images (PIL images, numpy arrays or tensors): the target images, all of one size; pixel values in [0, 1]
                 (tensors in [-1, 1] are also accepted), as for `VaeImageProcessor.preprocess`.
             prompts (`str` or `list[str]`): one caption per image, or one for all.
             height, width (`int`, *optional*): resize to this size first (default: the images' size).
-            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...).
+            options: passed to [`fit_weights`] (`num_noise_draws`, `timestep_range`, `generator`, ...), and the
+                pipeline's own encoding options where it has some (Flux: `guidance_scale`, `max_sequence_length`).
 
         Latents are the VAE posterior means (shifted and scaled as the VAE config says); prompts are encoded without
         classifier-free guidance, as the pipeline's `encode_for_fitting` does. The noise schedule is `self.scheduler`'s.
         """
         fusion = self.fusion_model
         if fusion is None:
-            raise TypeError(f"fit_weights needs a FusedUNet as `unet`, got {type(self.unet).__name__}")
-        latents, prompt_embeds, unet_kwargs = self._fitting_inputs(images, prompts, height, width)
-        if unet_kwargs is not None and "unet_kwargs" in options:
-            raise ValueError(
-                "unet_kwargs are computed from the images and prompts here; call fitting.fit_weights to pass your own"
+            denoiser = getattr(self, self.fused_component)
+            raise TypeError(
+                f"fit_weights needs a {self.fusion_class.__name__} as `{self.fused_component}`, got "
+                f"{type(denoiser).__name__}"
             )
-        options.setdefault("unet_kwargs", unet_kwargs)
-        return fit_weights(fusion, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **options)
+        latents, prompt_embeds, computed = self._fitting_inputs(images, prompts, height, width, options)
+        clash = sorted(set(computed) & set(options))
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} are computed from the images and prompts here; call fitting.fit_weights to pass "
+                "your own"
+            )
+        return fit_weights(fusion, self.scheduler, latents, encoder_hidden_states=prompt_embeds, **computed, **options)
 
 
 class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
@@ -356,8 +389,9 @@ class ScoreFusionPipeline(ScoreFusionPipelineMixin, StableDiffusionPipeline):
         return prompt_embeds, negative_prompt_embeds
 
     def _fitting_inputs(
-        self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int]
-    ):
-        """`(latents, prompt_embeds, unet_kwargs)` for [`fit_weights`]: [`encode_for_fitting`], no extra UNet inputs."""
+        self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int],
+        options: Dict[str, Any],
+    ):  # fmt: skip
+        """`(latents, prompt_embeds, fit_kwargs)` for [`fit_weights`]: [`encode_for_fitting`], no extra UNet inputs."""
         latents, prompt_embeds = encode_for_fitting(self, images, prompts, height=height, width=width)
-        return latents, prompt_embeds, None
+        return latents, prompt_embeds, {}

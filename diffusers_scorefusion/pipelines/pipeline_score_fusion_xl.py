@@ -1,6 +1,6 @@
 """`ScoreFusionXLPipeline`: Stable Diffusion XL text-to-image sampling from the KL barycenter of several UNets."""
 
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -101,8 +101,9 @@ class ScoreFusionXLPipeline(ScoreFusionPipelineMixin, StableDiffusionXLPipeline)
         return latents, prompt_embeds.to(unet_dtype), added_cond_kwargs
 
     def _fitting_inputs(
-        self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int]
-    ):
-        """`(latents, prompt_embeds, unet_kwargs)` for [`fit_weights`], from [`encode_for_fitting`]."""
+        self, images: Any, prompts: Union[str, Sequence[str]], height: Optional[int], width: Optional[int],
+        options: Dict[str, Any],
+    ):  # fmt: skip
+        """`(latents, prompt_embeds, fit_kwargs)` for [`fit_weights`], from [`encode_for_fitting`]."""
         latents, prompt_embeds, added_cond_kwargs = self.encode_for_fitting(images, prompts, height=height, width=width)
-        return latents, prompt_embeds, {"added_cond_kwargs": added_cond_kwargs}
+        return latents, prompt_embeds, {"unet_kwargs": {"added_cond_kwargs": added_cond_kwargs}}
