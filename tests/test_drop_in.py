@@ -165,3 +165,58 @@ def test_fusion_pipeline_with_a_stock_pipeline_class():
     stock = StableDiffusionPipeline(**{**components, "requires_safety_checker": False})
     stock.set_progress_bar_config(disable=True)
     torch.testing.assert_close(_generate(stock), _generate(ScoreFusionPipeline(**components)))
+
+
+def _flux_fusion_pipe():
+    from diffusers import FluxPipeline
+
+    from diffusers_scorefusion import FusedTransformer
+    from diffusers_scorefusion.testing_utils_transformers import get_dummy_flux_components, get_dummy_flux_transformer
+
+    components = get_dummy_flux_components(0, num_layers=2, num_single_layers=2)
+    second = get_dummy_flux_transformer(1, num_layers=2, num_single_layers=2)
+    pipe = FluxPipeline(**{**components, "transformer": FusedTransformer([components["transformer"], second])})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _hooks(module, name):
+    found = [(path, m._diffusers_hook.get_hook(name)) for path, m in module.named_modules() if hasattr(m, "_diffusers_hook")]
+    return [(path, hook) for path, hook in found if hook is not None]
+
+
+def test_caches_apply_to_every_member_and_reset_after_sampling():
+    """Diffusers' cache methods on a transformer fusion: each member gets the hooks one transformer gets (the upstream
+    tests that count hooks in `pipe.transformer.modules()` or expect the hook at its root are listed exceptions)."""
+    from diffusers import FasterCacheConfig, PyramidAttentionBroadcastConfig
+
+    pipe = _flux_fusion_pipe()
+    fused = pipe.transformer
+    config = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                             spatial_attention_timestep_skip_range=(100, 800),
+                                             spatial_attention_block_identifiers=["transformer_blocks"],
+                                             current_timestep_callback=lambda: pipe.current_timestep)  # fmt: skip
+    fused.enable_cache(config)
+    for member in fused.transformers:
+        assert len(_hooks(member, "pyramid_attention_broadcast")) == 2 + 2  # double- and single-stream blocks
+    pipe("a cat", num_inference_steps=4, height=16, width=16, generator=torch.Generator().manual_seed(0))
+    assert all(hook.state.cache is None for _, hook in _hooks(fused, "pyramid_attention_broadcast"))  # reset
+    fused.disable_cache()
+    assert not _hooks(fused, "pyramid_attention_broadcast") and not fused.is_cache_enabled
+
+    fused.enable_cache(FasterCacheConfig(spatial_attention_block_skip_range=2,
+                                         spatial_attention_timestep_skip_range=(-1, 901),
+                                         unconditional_batch_skip_range=2, attention_weight_callback=lambda _: 0.5,
+                                         is_guidance_distilled=True,
+                                         current_timestep_callback=lambda: pipe.current_timestep))  # fmt: skip
+    roots = [_hooks(member, "faster_cache_denoiser") for member in fused.transformers]
+    assert all(len(hooks) == 1 and hooks[0][0] == "" for hooks in roots)  # each member is a denoiser with its hook
+    seen = []
+
+    def check(pipe, i, t, kwargs):
+        seen.append([hooks[0][1].state.iteration for hooks in roots])
+        return {}
+
+    pipe("a cat", num_inference_steps=3, height=16, width=16, callback_on_step_end=check)
+    assert seen == [[1, 1], [2, 2], [3, 3]]
+    assert all(hooks[0][1].state.iteration == 0 for hooks in roots)  # reset after sampling

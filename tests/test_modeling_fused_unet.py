@@ -11,6 +11,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion import FusedUNet
 from diffusers_scorefusion.testing_utils import get_dummy_scheduler, get_dummy_unet, get_dummy_xl_unet
 
@@ -530,5 +531,13 @@ def test_freeu_and_qkv_fusion_reach_every_member(inputs):
 )
 def test_helpers_raise_when_a_member_lacks_them(call):
     fused = FusedUNet([ToyDenoiser(0), ToyDenoiser(1)])
-    with pytest.raises(NotImplementedError, match=r"member 0 \(ToyDenoiser\), member 1 \(ToyDenoiser\) has no"):
+    with pytest.raises((NotImplementedError, MemberHelperMissing), match=r"member 0 \(ToyDenoiser\), member 1 \(ToyDenoiser\) has no"):
         call(fused)
+
+
+def test_helpers_the_members_lack_are_absent_as_on_a_model_without_them():
+    """Diffusers asks `hasattr(model, "set_default_attn_processor")` and skips models without it: a fusion whose
+    members lack a helper must answer False, and one whose members have it must have it."""
+    lacking, having = FusedUNet([ToyDenoiser(0), ToyDenoiser(1)]), FusedUNet([get_dummy_unet(0), get_dummy_unet(1)])
+    for name in ("set_default_attn_processor", "set_attention_slice", "enable_freeu", "fuse_qkv_projections"):
+        assert not hasattr(lacking, name) and hasattr(having, name), name

@@ -5,6 +5,7 @@ forward that skips members whose weight is 0, member placement, and helpers forw
 """
 
 import contextlib
+import functools
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,6 +18,37 @@ from .fusion_utils import WeightsLike, check_bin_edges, check_weights, combine_p
 from .member_utils import copy_containers, distinct_models
 from .peft_utils import FusedPeftMixin
 from .offload_utils import enable_group_offload_per_member, run_on_member_device
+
+
+class MemberHelperMissing(AttributeError):
+    """Raised on access to a fusion helper that a member lacks (so `hasattr(fusion, name)` is False, as on a model
+    without it, and a call says which member lacks what)."""
+
+
+class member_method:
+    """A fusion method that calls the member method of the same name on every member, with the same arguments.
+
+    It exists only when every member has that method: otherwise `hasattr(fusion, name)` is False (Diffusers then
+    treats the fusion as it treats a model without it) and calling it raises [`MemberHelperMissing`] naming the
+    members that lack it.
+    """
+
+    def __init__(self, doc: str = ""):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, fusion: Any, owner: Optional[type] = None) -> Any:
+        if fusion is None:
+            return self
+        lacking = [f"member {i} ({type(member).__name__})" for i, member in enumerate(fusion.fusion_members)
+                   if not hasattr(member, self.name)]  # fmt: skip
+        if lacking:
+            raise MemberHelperMissing(
+                f"{self.name}() cannot be applied to the fusion: {', '.join(lacking)} has no {self.name}()"
+            )
+        return functools.partial(fusion._call_on_members, self.name)
 
 
 def replace_first_field(output: Any, value: torch.Tensor) -> Any:
@@ -187,20 +219,22 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
             else:
                 member.set_attn_processor(dict(processor))
 
-    def set_default_attn_processor(self) -> None:
-        self._call_on_members("set_default_attn_processor")
+    set_default_attn_processor = member_method("Sets every member's default attention processor.")
+    fuse_qkv_projections = member_method("Fuses the query, key and value projections of every member.")
+    unfuse_qkv_projections = member_method("Undoes `fuse_qkv_projections` on every member.")
+    enable_forward_chunking = member_method("`enable_forward_chunking(chunk_size=None, dim=0)` on every member.")
+    disable_forward_chunking = member_method("Disables forward chunking on every member.")
 
-    def fuse_qkv_projections(self) -> None:
-        self._call_on_members("fuse_qkv_projections")
+    @property
+    def original_attn_processors(self) -> Optional[Dict[str, Any]]:
+        """Member 0's processors from before `fuse_qkv_projections` (members share one layout), or `None`."""
+        return getattr(distinct_models(self.fusion_members)[0], "original_attn_processors", None)
 
-    def unfuse_qkv_projections(self) -> None:
-        self._call_on_members("unfuse_qkv_projections")
-
-    def enable_forward_chunking(self, chunk_size: Optional[int] = None, dim: int = 0) -> None:
-        self._call_on_members("enable_forward_chunking", chunk_size=chunk_size, dim=dim)
-
-    def disable_forward_chunking(self) -> None:
-        self._call_on_members("disable_forward_chunking")
+    def __getattr__(self, name: str) -> Any:
+        helper = getattr(type(self), name, None)
+        if isinstance(helper, member_method):
+            helper.__get__(self)  # raises MemberHelperMissing, naming the member that lacks it
+        return super().__getattr__(name)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """`torch.compile` applied to each member model in place (`nn.Module.compile`, same arguments): the fusion's

@@ -24,7 +24,7 @@ from ..fusion.member_utils import (
     member_model,
     scheduler_class_and_config,
 )
-from ..fusion.modeling_fusion import FusedModelMixin, replace_first_field
+from ..fusion.modeling_fusion import FusedModelMixin, MemberHelperMissing, member_method, replace_first_field
 from ..fusion.offload_utils import call_on_member_device
 
 # Names under which transformers take the noise level (`t`: Z-Image).
@@ -205,6 +205,8 @@ class FusedTransformer(FusedModelMixin):
         as `inner_dim`): members share one config, so these agree. Submodules of members are not exposed."""
         try:
             return super().__getattr__(name)
+        except MemberHelperMissing:
+            raise
         except AttributeError:
             members = self.__dict__.get("_modules", {}).get(self.members_attribute)
             if name.startswith("_") or members is None or len(members) == 0:
@@ -239,6 +241,8 @@ class FusedTransformer(FusedModelMixin):
 
     def disable_cache(self) -> None:
         self._call_on_members("disable_cache")
+
+    _reset_stateful_cache = member_method("Resets every member's cache state (pipelines call it after sampling).")
 
     @property
     def is_cache_enabled(self) -> bool:

@@ -9,6 +9,7 @@ from diffusers.models.modeling_utils import _LOW_CPU_MEM_USAGE_DEFAULT
 from torch import nn
 
 from ..fusion.member_utils import distinct_models
+from ..fusion.modeling_fusion import member_method
 
 # Config entries that fix a UNet's block layout (module names, attention processors, block-wise scales).
 LAYOUT_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "mid_block_type",
@@ -98,11 +99,6 @@ class FusedUNetHelpersMixin:
         PeftAdapterMixin.set_adapters(self, adapter_names, weights)
 
     # ----------------------------------------------------------------------------------------------- UNet helpers
-    def set_attention_slice(self, slice_size: Union[str, int, List[int]] = "auto") -> None:
-        self._call_on_members("set_attention_slice", slice_size)
-
-    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        self._call_on_members("enable_freeu", s1=s1, s2=s2, b1=b1, b2=b2)
-
-    def disable_freeu(self) -> None:
-        self._call_on_members("disable_freeu")
+    set_attention_slice = member_method("`set_attention_slice(slice_size)` on every member (attention slicing).")
+    enable_freeu = member_method("`enable_freeu(s1, s2, b1, b2)` on every member (FreeU).")
+    disable_freeu = member_method("Disables FreeU on every member.")

@@ -105,8 +105,9 @@ def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
                 item.add_marker(pytest.mark.skip(reason="not in the stock baseline: rerun with --upstream-stock"))
             elif stock != "passed":
                 item.add_marker(pytest.mark.skip(reason=f"stock {stock}"))
-            elif exception_reason(upstream_id(item)) is not None:
-                item.add_marker(pytest.mark.skip(reason=f"listed exception: {exception_reason(upstream_id(item))}"))
+            elif exception_reason(upstream_id(item), variant) is not None:
+                reason = exception_reason(upstream_id(item), variant)
+                item.add_marker(pytest.mark.skip(reason=f"listed exception: {reason}"))
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
@@ -187,7 +188,7 @@ def _counts(config: Any) -> Dict[str, Dict[str, int]]:
             bucket[_short(outcome)] += 1
             if variant != "stock":
                 bucket.setdefault("fusion-only failures", 0)
-                if stock == "passed" and outcome != "passed" and exception_reason(key) is None:
+                if stock == "passed" and outcome != "passed" and exception_reason(key, variant) is None:
                     bucket["fusion-only failures"] += 1
     return counts
 

@@ -15,10 +15,11 @@ from typing import Callable, Dict
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer, T5Config
 
 from diffusers_scorefusion.testing_utils import _text_config, get_dummy_text_encoder, get_dummy_unet, get_dummy_vae
 from diffusers_scorefusion.testing_utils import get_dummy_xl_unet
+from diffusers_scorefusion.testing_utils_transformers import get_dummy_t5_tokenizer
 
 
 def _snapshot(cache_dir: str, repo_id: str) -> str:
@@ -87,7 +88,16 @@ def _tiny_clip_text(folder: str) -> None:
     ascii_clip_tokenizer().save_pretrained(folder)
 
 
+def _tiny_random_t5(folder: str) -> None:
+    # The tests build `T5EncoderModel(AutoConfig.from_pretrained(...))`: the config (width 32, as the real repo's) and
+    # a tokenizer (character-level, built from the `tokenizers` library: sentencepiece is not needed).
+    T5Config(vocab_size=1103, d_model=32, d_ff=37, d_kv=8, num_layers=5, num_heads=4, relative_attention_num_buckets=8,
+             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0).save_pretrained(folder)  # fmt: skip
+    get_dummy_t5_tokenizer().save_pretrained(folder)
+
+
 STAND_INS: Dict[str, Callable[[str], None]] = {
+    "hf-internal-testing/tiny-random-t5": _tiny_random_t5,
     "peft-internal-testing/tiny-clip-text-2": _tiny_clip_text,
     "hf-internal-testing/tiny-random-clip": _tiny_random_clip,
     "hf-internal-testing/tiny-stable-diffusion-torch": _tiny_stable_diffusion,

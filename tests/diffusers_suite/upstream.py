@@ -6,7 +6,8 @@ modules use relative imports, so any package name works). For each upstream test
 
 - `stock`: the upstream class unchanged (the baseline; run with `--upstream-stock`, else read from the committed
   baseline file of the installed Diffusers version);
-- `fusion1`: the pipeline's `unet` (or `transformer`) replaced by a one-member fusion, weights `[1.0]`;
+- `fusion1`: the pipeline's `unet` (or `transformer`) replaced by a one-member fusion (`FusedUNet` or
+  `FusedTransformer`), weights `[1.0]`;
 - `fusion2`: a two-member fusion with one-hot weights `[0.0, 1.0]` (the stock denoiser is member 1; member 0 is a
   perturbed copy that must never run);
 
@@ -14,6 +15,7 @@ and, for pipelines with a ScoreFusion class, the pipeline class replaced by it. 
 """
 
 import copy
+import functools
 import importlib
 import inspect
 import importlib.util
@@ -87,11 +89,14 @@ def fuse(denoiser: Any, variant: str) -> Any:
     """The fusion that replaces `denoiser` in variant `variant`."""
     if denoiser is None or variant == "stock":
         return denoiser
-    from diffusers_scorefusion import FusedUNet
+    from diffusers import UNet2DConditionModel
 
+    from diffusers_scorefusion import FusedTransformer, FusedUNet
+
+    fusion_class = FusedUNet if isinstance(denoiser, UNet2DConditionModel) else FusedTransformer
     if variant == "fusion1":
-        return FusedUNet([denoiser], weights=[1.0])
-    return FusedUNet([_perturbed_copy(denoiser), denoiser], weights=[0.0, 1.0])
+        return fusion_class([denoiser], weights=[1.0])
+    return fusion_class([_perturbed_copy(denoiser), denoiser], weights=[0.0, 1.0])
 
 
 def _fuse_components(components: Any, variant: str, key: str) -> Any:
@@ -164,6 +169,7 @@ def _output_equals_stock(base: type):
 
 
 def _fused_dummy_components(base: type, variant: str, key: str):
+    @functools.wraps(base.get_dummy_components)  # keeps its signature: some tests read it (e.g. `num_layers`)
     def get_dummy_components(self, *args: Any, **kwargs: Any) -> Any:
         return _fuse_components(base.get_dummy_components(self, *args, **kwargs), variant, key)
 
