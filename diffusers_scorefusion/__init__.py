@@ -9,6 +9,7 @@ from .models.modeling_fused_unet import FusedUNet
 from .models.modeling_lora_member import LoraMember
 from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 from .pipelines.pipeline_score_fusion_xl import ScoreFusionXLPipeline
+from .pipelines.corrector import LangevinCorrector, langevin_correct
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ _register_with_diffusers()
 __all__ = [
     "FitResult",
     "FusedUNet",
+    "LangevinCorrector",
     "LoraMember",
     "ModelMixin",
     "ScoreFusionPipeline",
@@ -39,5 +41,6 @@ __all__ = [
     "combine_predictions",
     "convert_prediction",
     "fit_weights",
+    "langevin_correct",
     "solve_simplex_qp",
 ]
