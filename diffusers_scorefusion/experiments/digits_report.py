@@ -101,7 +101,8 @@ def _training_lines(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[st
 def plot_pair_differences(summaries: List[Dict[str, Any]], path: str) -> None:
     """Mean paired differences with their confidence intervals against n, one panel per metric."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure, axes = plt.subplots(1, 2, figsize=(11.5, 3.8))
+    figure.subplots_adjust(wspace=0.3)
     for axis, metric in zip(axes, ("nll", "denoising")):
         for pair in sorted({s["pair"] for s in summaries}):
             chosen = sorted((s for s in summaries if s["pair"] == pair and s["metric"] == metric), key=lambda s: s["n"])
