@@ -2,6 +2,7 @@ import json
 import math
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from diffusers_scorefusion.experiments.digits import (
     resolve_n_values,
     run_digits,
 )
+from diffusers_scorefusion.experiments.digits_eval import paired_difference
 from diffusers_scorefusion.experiments.digits_models import merge_unets
+from diffusers_scorefusion.experiments.digits_report import summarise_pairs
 from diffusers_scorefusion.experiments.training import TrainingConfig, cache_key, make_digit_unet
 
 TARGET_SIZES = digit_data.class_counts(QUICK.max_n, (0.6, 0.4))
@@ -184,3 +187,20 @@ def test_main_refuses_bad_arguments(tmp_path):
         main(["--n", "100000", "--out", str(tmp_path), "--no-cache"])
     with pytest.raises(SystemExit):
         main(["--medium", "--full", "--out", str(tmp_path)])
+
+
+def test_paired_differences_and_their_confidence_interval():
+    records = [dict(n=16, pair="a - b", metric="nll", difference=d, within_seed_se=0.1) for d in (1.0, 2.0, 3.0)]
+    (summary,) = summarise_pairs(records)
+    half = 4.302653 * 1.0 / math.sqrt(3)  # t_{0.975, 2} x (sd 1 / sqrt(3))
+    assert summary["mean"] == pytest.approx(2.0) and summary["se"] == pytest.approx(1 / math.sqrt(3))
+    assert (summary["ci_low"], summary["ci_high"]) == pytest.approx((2.0 - half, 2.0 + half), rel=1e-6)
+    assert summary["num_negative"] == 0 and summary["within_seed_se"] == pytest.approx(0.1)
+    # within one seed: the target-weighted mean of per-image differences, classes weighted by the target mix
+    test = SimpleNamespace(weights=torch.tensor([0.3, 0.3, 0.2, 0.2], dtype=torch.float64),
+                           classes=torch.tensor([0, 0, 1, 1]))  # fmt: skip
+    first = {"nll_per_image": np.array([1.0, 3.0, 0.0, 0.0])}
+    second = {"nll_per_image": np.zeros(4)}
+    result = paired_difference(first, second, test, "nll")
+    assert result["difference"] == pytest.approx(0.3 * 1 + 0.3 * 3)
+    assert result["within_seed_se"] == pytest.approx(math.sqrt(0.6**2 * 2.0 / 2))  # class 0: variance 2, 2 images
