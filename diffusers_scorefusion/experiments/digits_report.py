@@ -8,6 +8,7 @@ import numpy as np
 
 from .reporting import (
     atomic_write_bytes,
+    draw_metric_vs_n,
     markdown_table,
     mean_and_se,
     plot_image_panels,
@@ -98,6 +99,19 @@ def _training_lines(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[st
     return lines + ["", f"Auxiliary side (best step / steps run): {auxiliary}."]
 
 
+def plot_nll(rows: List[Dict[str, Any]], methods: Sequence[str], path: str) -> None:
+    """Test NLL against n: every method, and a zoom on the methods that start from the auxiliaries."""
+    plt = pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    draw_metric_vs_n(left, rows, methods, "nll_bpd", "nll_se", "test NLL (bits/dim), lower is better",
+                     "Digits: test NLL vs number of target samples")  # fmt: skip
+    colors = {method: f"C{index % 10}" for index, method in enumerate(methods)}
+    zoomed = [m for m in methods if m != "scratch"]
+    draw_metric_vs_n(right, rows, zoomed, "nll_bpd", "nll_se", "test NLL (bits/dim)", "zoom: without scratch",
+                     colors=colors)  # fmt: skip
+    save_figure(figure, path)
+
+
 def plot_pair_differences(summaries: List[Dict[str, Any]], path: str) -> None:
     """Mean paired differences with their confidence intervals against n, one panel per metric."""
     plt = pyplot()
@@ -138,8 +152,7 @@ def write_digits_outputs(out_dir: str, settings: Any, methods: Sequence[str], re
                           f"{settings.seeds[0]}, same initial noise for every method)",
                           path=os.path.join(out_dir, name), vmax=16)  # fmt: skip
         figures.append(name)
-    plot_metric_vs_n(rows, methods, "nll_bpd", "nll_se", "test NLL (bits/dim), lower is better",
-                     "Digits: test NLL vs number of target samples", os.path.join(out_dir, "nll_vs_n.png"))  # fmt: skip
+    plot_nll(rows, methods, os.path.join(out_dir, "nll_vs_n.png"))
     plot_metric_vs_n(rows, methods, "proportion", "proportion_se", f"generated share of digit {settings.digits[0]}",
                      f"Digits: generated proportion (target {settings.target_proportion})",
                      os.path.join(out_dir, "proportion_vs_n.png"))  # fmt: skip
