@@ -104,6 +104,7 @@ def plot_corrector(corrector: Dict[str, Any], path: str) -> None:
     left.axhline(control["floor_w1"], color="tab:green", ls=":", lw=1, label="sampling floor (control)")
     for axis, title in ((left, "W1 to the exact clean barycenter"), (right, "W1 to the target")):
         axis.set_xscale("symlog", linthresh=1)
+        axis.set_xlim(left=-0.2)
         axis.set_yscale("log")
         axis.set_xlabel("corrector steps per noise level (M)")
         axis.set_title(f"{title} (λ = ({corrector['a']:.3f}, {1 - corrector['a']:.3f}))", fontsize=9)
