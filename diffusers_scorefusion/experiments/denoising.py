@@ -10,7 +10,7 @@ quantity `fit_weights` minimises for a fusion (on the training samples).
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ class NoisedSet:
 def make_noised_set(
     clean: torch.Tensor,
     num_draws: int,
-    noise_scheduler,
+    noise_scheduler: Any,
     generator: torch.Generator,
     sample_weights: Optional[torch.Tensor] = None,
     prepare: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,

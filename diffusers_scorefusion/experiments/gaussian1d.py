@@ -1,12 +1,14 @@
 """Experiment 2 of the paper: 1-D Gaussian mixtures, ScoreFusion of two auxiliary score models vs training from scratch.
 
 Run ``python -m diffusers_scorefusion.experiments.gaussian1d`` (``--setup paper``, the default) or with
-``--setup common-scale``; ``--full`` runs 5 seeds with longer training. The reference notebook's setup: target means
-(-6, 6), std 0.8, weights (0.6, 0.4); auxiliary 1 means (-3, 10), std 1, weights (0.5, 0.5); auxiliary 2 means
-(-7, 9), std 1, weights (0.7, 0.3); auxiliary sets 16,384 train / 4,096 validation; target n in {32, ..., 1024} with
-n/4 validation points. ``paper``: every data set is standardised by its own sample mean and std (the auxiliaries'
-scores are learned in their own coordinates and fused in the target's; samples are mapped back with the target's);
-``common-scale``: every data set is divided by one constant, so the fusion acts on the distributions themselves.
+``--setup common-scale`` (each about 15 minutes on one free CPU core: the 10 sampling trials of 8,096 samples per
+model dominate; ``--trials`` lowers them); ``--full`` runs 5 seeds with longer training. The reference notebook's
+setup: target means (-6, 6), std 0.8, weights (0.6, 0.4); auxiliary 1 means (-3, 10), std 1, weights (0.5, 0.5);
+auxiliary 2 means (-7, 9), std 1, weights (0.7, 0.3); auxiliary sets 16,384 train / 4,096 validation; target n in
+{32, ..., 1024} with n/4 validation points. ``paper``: every data set is standardised by its own sample mean and
+std (the auxiliaries' scores are learned in their own coordinates and fused in the target's; samples are mapped
+back with the target's); ``common-scale``: every data set is divided by one constant, so the fusion acts on the
+distributions themselves.
 Per n and seed: a model trained from scratch on the n target samples (early-stopped on the validation points) and
 ScoreFusion with weights fitted on the same n samples over small timesteps (``timestep_range="small_t"``, the
 paper's 1-D setting) and over the whole range. Metric: W1 between 8,096 generated samples and 8,096 held-out target
