@@ -12,6 +12,7 @@ from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 from .pipelines.pipeline_score_fusion_flux import ScoreFusionFluxPipeline
 from .pipelines.pipeline_score_fusion_sd3 import ScoreFusionSD3Pipeline
 from .pipelines.pipeline_score_fusion_xl import ScoreFusionXLPipeline
+from .pipelines.corrector import LangevinCorrector, langevin_correct
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "FitResult",
     "FusedTransformer",
     "FusedUNet",
+    "LangevinCorrector",
     "LoraMember",
     "ModelMixin",
     "ScoreFusionFluxPipeline",
@@ -48,5 +50,6 @@ __all__ = [
     "combine_predictions",
     "convert_prediction",
     "fit_weights",
+    "langevin_correct",
     "solve_simplex_qp",
 ]

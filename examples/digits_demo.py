@@ -1,7 +1,8 @@
-"""The project's main demo: ScoreFusion vs training from scratch vs fine-tuning on real 8x8 digits.
+"""The project's main demo: ScoreFusion vs training from scratch, fine-tuning and weight merging on real 8x8 digits.
 
-Same as ``python -m diffusers_scorefusion.experiments.digits``; pass ``--full`` for the whole sweep. Writes
-``results/digits/report.md``, ``results.json`` and figures; trained models are cached under ``results/digits/cache``.
+Same as ``python -m diffusers_scorefusion.experiments.digits``; pass ``--medium`` (5 seeds, n = 8..64, under an hour
+on 2 cores) or ``--full``. Writes ``results/digits/`` (``results/digits-medium/``, ...): report.md, results.json and
+figures; trained models are cached under ``<out>/cache``.
 """
 
 import os

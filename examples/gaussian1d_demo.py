@@ -1,7 +1,9 @@
-"""The paper's 1-D Gaussian-mixture experiment: ScoreFusion of two auxiliary score models vs training from scratch.
+"""The paper's 1-D Gaussian-mixture experiment: ScoreFusion of two auxiliary score models vs training from scratch,
+what the fused sampler really samples, and the Langevin corrector.
 
-Same as ``python -m diffusers_scorefusion.experiments.gaussian1d``; pass ``--full`` for the whole sweep. Writes
-``results/gaussian1d/report.md``, ``results.json`` and figures.
+Same as ``python -m diffusers_scorefusion.experiments.gaussian1d``: ``--setup paper`` (default; every data set
+standardised by its own mean and std, as the reference notebook does) or ``--setup common-scale``; ``--full`` for 5
+seeds. Writes ``results/gaussian1d/`` (or ``results/gaussian1d-common-scale/``): report.md, results.json, figures.
 """
 
 import os

@@ -3,12 +3,13 @@
 Each image has 64 pixels with 17 grey levels (integers 0..16). Per digit class the images are shuffled with a fixed
 split seed and cut, in this order, into
 
-- ``test``: the held-out test images (test NLL only; never used to train anything),
-- ``classifier``: held-out images that train the proportion classifier only (never a generator),
-- ``auxiliary``: the pool the auxiliary populations are drawn from,
-- ``target``: the pool the n target training samples are drawn from.
+- ``test``: the held-out test images (test NLL and denoising loss only; never used to train anything),
+- ``target``: the pool the n target samples are drawn from (as many per class as the largest n needs),
+- ``auxiliary``: everything else, the pool the auxiliary populations are drawn from (as large as the data allows).
 
-The four parts are disjoint, so the fused auxiliaries never saw a target image or a test image.
+The three parts are disjoint, so the fused auxiliaries never saw a target image or a test image. Validation images
+are held out inside a part (`holdout`): the auxiliaries' from the auxiliary pool, the target models' from the n
+target images.
 """
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 NUM_LEVELS = 17  # grey levels 0..16 in sklearn's digits
-SPLIT_NAMES = ("test", "classifier", "auxiliary", "target")
+SPLIT_NAMES = ("test", "target", "auxiliary")
 
 
 @dataclass(frozen=True)
@@ -46,30 +47,41 @@ def load_digit_pixels() -> Tuple[np.ndarray, np.ndarray]:
 
 
 def split_digits(
-    labels: np.ndarray, digits: Sequence[int], sizes: Dict[str, int], split_seed: int = 0
+    labels: np.ndarray, digits: Sequence[int], test_size: int, target_sizes: Sequence[int], split_seed: int = 0
 ) -> DigitSplit:
-    """Shuffles each class with ``split_seed`` and cuts it into test / classifier / auxiliary / target (the rest).
+    """Shuffles each class with ``split_seed`` and cuts it into test / target / auxiliary (the rest).
 
-    `sizes` gives the per-class size of ``test``, ``classifier`` and ``auxiliary``; ``target`` takes what is left.
+    `test_size` images per class go to ``test``, ``target_sizes[c]`` of class ``digits[c]`` to ``target``.
     """
-    if set(sizes) != set(SPLIT_NAMES[:3]):
-        raise ValueError(f"sizes must give exactly {SPLIT_NAMES[:3]}, got {sorted(sizes)}")
     if len(set(digits)) != len(digits) or len(digits) < 2:
         raise ValueError(f"digits must be at least two distinct classes, got {list(digits)}")
+    if len(target_sizes) != len(digits) or min(target_sizes) < 1 or test_size < 1:
+        raise ValueError(f"need test_size >= 1 and one target size >= 1 per digit {list(digits)}, got test_size="
+                         f"{test_size}, target_sizes={list(target_sizes)}")  # fmt: skip
     rng = np.random.default_rng(split_seed)
     indices: Dict[str, Dict[int, np.ndarray]] = {name: {} for name in SPLIT_NAMES}
-    for digit in digits:
+    for digit, target_size in zip(digits, target_sizes):
         members = np.flatnonzero(labels == digit)
-        needed = sum(sizes.values()) + 1
+        needed = test_size + target_size + 2
         if members.size < needed:
-            raise ValueError(f"digit {digit} has {members.size} images, need at least {needed} for sizes {sizes}")
+            raise ValueError(f"digit {digit} has {members.size} images, need at least {needed} (test {test_size}, "
+                             f"target {target_size}, auxiliary >= 2)")  # fmt: skip
         members = members[rng.permutation(members.size)]
-        start = 0
-        for name in SPLIT_NAMES[:3]:
-            indices[name][digit] = np.sort(members[start : start + sizes[name]])
-            start += sizes[name]
-        indices["target"][digit] = np.sort(members[start:])
+        indices["test"][digit] = np.sort(members[:test_size])
+        indices["target"][digit] = np.sort(members[test_size : test_size + target_size])
+        indices["auxiliary"][digit] = np.sort(members[test_size + target_size :])
     return DigitSplit(digits=tuple(digits), indices=indices)
+
+
+def holdout(indices: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Splits image indices of one class into ``(train, validation)``: ``max(1, round(fraction * m))`` validation."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if indices.size < 2:
+        raise ValueError(f"need at least 2 images to hold one out, got {indices.size}")
+    num_val = min(indices.size - 1, max(1, int(round(fraction * indices.size))))
+    shuffled = indices[np.random.default_rng(seed).permutation(indices.size)]
+    return np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val])
 
 
 def class_counts(n: int, proportions: Sequence[float]) -> Tuple[int, ...]:

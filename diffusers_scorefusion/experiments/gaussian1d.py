@@ -1,11 +1,18 @@
 """Experiment 2 of the paper: 1-D Gaussian mixtures, ScoreFusion of two auxiliary score models vs training from scratch.
 
-Run ``python -m diffusers_scorefusion.experiments.gaussian1d`` (about a minute on 2 CPU cores) or with ``--full``.
-Target: means (-6, 6), std 0.8, weights (0.6, 0.4). Auxiliaries: means (-3, 10) and (-7, 9); PAPER.md does not give
-their std and weights, we use the target's (0.8 and (0.6, 0.4)). Each auxiliary model is trained on fresh draws of its
-mixture (plenty of data); per n and seed, a model is trained from scratch on the n target samples and the fusion
-weights are fitted on the same n samples over small timesteps (``timestep_range="small_t"``, the paper's 1-D
-setting). Metric: Wasserstein-1 distance between generated samples and held-out target samples (original units).
+Run ``python -m diffusers_scorefusion.experiments.gaussian1d`` (``--setup paper``, the default) or with
+``--setup common-scale`` (each about 15 minutes on one free CPU core: the 10 sampling trials of 8,096 samples per
+model dominate; ``--trials`` lowers them); ``--full`` runs 5 seeds with longer training. The reference notebook's
+setup: target means (-6, 6), std 0.8, weights (0.6, 0.4); auxiliary 1 means (-3, 10), std 1, weights (0.5, 0.5);
+auxiliary 2 means (-7, 9), std 1, weights (0.7, 0.3); auxiliary sets 16,384 train / 4,096 validation; target n in
+{32, ..., 1024} with n/4 validation points. ``paper``: every data set is standardised by its own sample mean and
+std (the auxiliaries' scores are learned in their own coordinates and fused in the target's; samples are mapped
+back with the target's); ``common-scale``: every data set is divided by one constant, so the fusion acts on the
+distributions themselves.
+Per n and seed: a model trained from scratch on the n target samples (early-stopped on the validation points) and
+ScoreFusion with weights fitted on the same n samples over small timesteps (``timestep_range="small_t"``, the
+paper's 1-D setting) and over the whole range. Metric: W1 between 8,096 generated samples and 8,096 held-out target
+samples, in the data's units, over sampling trials. Then what the fused sampler samples (`gaussian1d_analysis`).
 """
 
 import argparse
@@ -24,55 +31,19 @@ from tqdm.auto import tqdm
 
 from ..fitting import fit_weights
 from ..models.modeling_fused_unet import FusedUNet
-from .reporting import (
-    atomic_write_bytes,
-    markdown_table,
-    mean_and_se,
-    plot_metric_vs_n,
-    pyplot,  # fmt: skip
-    save_figure,
-    write_json,
-)
+from .denoising import denoising_loss, make_noised_set
+from .gaussian1d_analysis import corrector_study, what_is_sampled
+from .gaussian1d_report import write_gaussian1d_outputs
+from .mixtures1d import Mixture1D, wasserstein1
 from .training import TrainingConfig, generate, load_or_train, make_noise_scheduler, train_denoiser
 
-DATA_SCALE = 5.0  # model space = original units / DATA_SCALE, so the data has roughly unit scale for the VP schedule
-
-
-@dataclass(frozen=True)
-class Mixture1D:
-    """A 1-D Gaussian mixture with a shared standard deviation."""
-
-    means: Tuple[float, ...]
-    std: float
-    weights: Tuple[float, ...]
-
-    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        """`(count,)` float64 draws in original units."""
-        components = torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), count, replacement=True,
-                                       generator=generator)  # fmt: skip
-        noise = torch.randn(count, generator=generator, dtype=torch.float64)
-        return torch.tensor(self.means, dtype=torch.float64)[components] + self.std * noise
-
-    def density(self, x: np.ndarray) -> np.ndarray:
-        """Probability density at `x` (original units)."""
-        parts = [w * np.exp(-0.5 * ((x - m) / self.std) ** 2) for m, w in zip(self.means, self.weights)]
-        return sum(parts) / (self.std * np.sqrt(2 * np.pi))
-
+__all__ = ["AUXILIARIES", "TARGET", "Mixture1D", "MLPDenoiser", "run_gaussian1d", "wasserstein1"]
 
 TARGET = Mixture1D(means=(-6.0, 6.0), std=0.8, weights=(0.6, 0.4))
-AUXILIARIES = (Mixture1D(means=(-3.0, 10.0), std=0.8, weights=(0.6, 0.4)),
-               Mixture1D(means=(-7.0, 9.0), std=0.8, weights=(0.6, 0.4)))  # fmt: skip
-
-
-def wasserstein1(samples: np.ndarray, reference: np.ndarray) -> float:
-    """Exact W1 between two empirical 1-D distributions: ``int |F(x) - G(x)| dx`` over the merged sample points."""
-    a, b = np.sort(np.asarray(samples, np.float64).ravel()), np.sort(np.asarray(reference, np.float64).ravel())
-    if a.size == 0 or b.size == 0:
-        raise ValueError(f"wasserstein1 needs two non-empty samples, got sizes {a.size} and {b.size}")
-    points = np.sort(np.concatenate([a, b]))
-    cdf_a = np.searchsorted(a, points[:-1], side="right") / a.size
-    cdf_b = np.searchsorted(b, points[:-1], side="right") / b.size
-    return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(points)))
+AUXILIARIES = (Mixture1D(means=(-3.0, 10.0), std=1.0, weights=(0.5, 0.5)),
+               Mixture1D(means=(-7.0, 9.0), std=1.0, weights=(0.7, 0.3)))  # fmt: skip
+SETUPS = ("paper", "common-scale")
+REFERENCE_WEIGHTS = (0.578, 0.422)  # the reference notebook's fitted lambda at n = 1024 (paper setup)
 
 
 class MLPDenoiser(ModelMixin, ConfigMixin):
@@ -102,181 +73,207 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
 
 @dataclass(frozen=True)
 class Gaussian1DSettings:
-    """A run's settings; `QUICK_1D` and `FULL_1D` are the presets."""
+    """A run's settings; `QUICK_1D` and `FULL_1D` are the presets, `setup` chooses the coordinates."""
 
     preset: str
+    setup: str
     n_values: Tuple[int, ...]
     seeds: Tuple[int, ...]
     auxiliary_training: TrainingConfig
     scratch_training: TrainingConfig
     hidden_size: int = 128
-    num_generated: int = 4000
-    num_test: int = 4000
+    auxiliary_sizes: Tuple[int, int] = (16384, 4096)  # train, validation
+    validation_fraction: float = 0.25  # target validation points: n / 4
+    validation_draws: int = 4  # noised copies per auxiliary validation point
+    target_validation_draws: int = 64  # per target validation point (there are few)
+    common_scale: float = 5.0  # common-scale setup: model space = data / common_scale
+    num_test: int = 8096
+    num_generated: int = 8096
+    num_trials: int = 10
     sampling_steps: int = 50
     fit_noise_draws: int = 16
+    lambda_grid: int = 21
+    corrector_steps: Tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50)
+    trained_corrector_steps: Tuple[int, ...] = (0, 1, 5, 20)
+
+    def __post_init__(self):
+        if self.setup not in SETUPS:
+            raise ValueError(f"setup must be one of {SETUPS}, got {self.setup!r}")
+        if min(self.n_values) * self.validation_fraction < 1:
+            raise ValueError(f"n * validation_fraction must be >= 1 for every n, got n_values {self.n_values}")
 
 
 QUICK_1D = Gaussian1DSettings(
-    preset="quick", n_values=(16, 64, 256, 1024), seeds=(0, 1, 2),
-    auxiliary_training=TrainingConfig(steps=2000, learning_rate=2e-3, batch_size=256),
-    scratch_training=TrainingConfig(steps=2000, learning_rate=2e-3, batch_size=256),
+    preset="quick", setup="paper", n_values=(32, 64, 128, 256, 512, 1024), seeds=(0, 1, 2),
+    auxiliary_training=TrainingConfig(steps=4000, learning_rate=2e-3, batch_size=512, eval_every=200, patience=5),
+    scratch_training=TrainingConfig(steps=3000, learning_rate=2e-3, batch_size=256, eval_every=100, patience=6),
 )  # fmt: skip
-FULL_1D = replace(QUICK_1D, preset="full", n_values=(16, 64, 256, 1024, 4096), seeds=(0, 1, 2, 3, 4),
-                  auxiliary_training=TrainingConfig(steps=5000, learning_rate=2e-3, batch_size=512),
-                  scratch_training=TrainingConfig(steps=5000, learning_rate=2e-3, batch_size=512))  # fmt: skip
+FULL_1D = replace(QUICK_1D, preset="full", seeds=(0, 1, 2, 3, 4),
+                  auxiliary_training=replace(QUICK_1D.auxiliary_training, steps=8000, patience=8),
+                  scratch_training=replace(QUICK_1D.scratch_training, steps=6000, patience=10))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """Model space ``z = (x - shift) / scale`` of one data set."""
+
+    shift: float
+    scale: float
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.shift) / self.scale).float()[:, None]  # (m, 1)
+
+    def to_data(self, z: np.ndarray) -> np.ndarray:
+        return self.shift + self.scale * np.asarray(z, dtype=np.float64)
+
+
+def coordinates(settings: Gaussian1DSettings, train: torch.Tensor) -> Coordinates:
+    """``paper``: the training set's sample mean and std (as the reference standardises); else the common scale."""
+    if settings.setup == "paper":
+        return Coordinates(float(train.mean()), float(train.std()))
+    return Coordinates(0.0, settings.common_scale)
 
 
 def _train_mlp(settings: Gaussian1DSettings, cache_dir: Optional[str], name: str, key: Dict[str, Any],
-               draw_batch, config: TrainingConfig, seed: int) -> MLPDenoiser:  # fmt: skip
+               train: torch.Tensor, validation: torch.Tensor, config: TrainingConfig, draws: int,
+               seed: int) -> Tuple[MLPDenoiser, Dict[str, Any]]:  # fmt: skip
+    """An MLP trained on model-space points `train` `(m, 1)`, early-stopped on `validation` `(v, 1)`."""
+    scheduler = make_noise_scheduler()
+    noised = make_noised_set(validation, draws, scheduler, torch.Generator().manual_seed(seed + 31))
+
+    def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return train[torch.randint(0, train.shape[0], (batch_size,), generator=generator)]
+
     def build() -> MLPDenoiser:
         torch.manual_seed(seed)
         return MLPDenoiser(hidden_size=settings.hidden_size)
 
-    def train(model: MLPDenoiser) -> MLPDenoiser:
-        return train_denoiser(model, draw_batch, make_noise_scheduler(), config, torch.Generator().manual_seed(seed),
-                              description=name)  # fmt: skip
+    def fit(model: MLPDenoiser) -> Tuple[MLPDenoiser, Dict[str, Any]]:
+        return train_denoiser(model, draw, scheduler, config, torch.Generator().manual_seed(seed), description=name,
+                              validation=lambda m: denoising_loss(m, noised))  # fmt: skip
 
-    settings_key = dict(key, config=config, seed=seed, hidden_size=settings.hidden_size, data_scale=DATA_SCALE)
-    return load_or_train(cache_dir, name, settings_key, build, train, MLPDenoiser.from_pretrained)
+    settings_key = dict(key, config=config, seed=seed, hidden_size=settings.hidden_size, draws=draws)
+    return load_or_train(cache_dir, name, settings_key, build, fit, MLPDenoiser.from_pretrained)
 
 
-def _generate(model: nn.Module, settings: Gaussian1DSettings, seed: int) -> np.ndarray:
-    noise = torch.randn((settings.num_generated, 1), generator=torch.Generator().manual_seed(seed))
-    sample = generate(model, make_noise_scheduler(clip_sample=False), noise, settings.sampling_steps)  # (m, 1)
-    return sample[:, 0].numpy() * DATA_SCALE
+def sample_model(model: nn.Module, settings: Gaussian1DSettings, noise_seed: int, **corrector: Any) -> np.ndarray:
+    """`num_generated` DDIM samples in model space (optionally with Langevin corrector steps), float64."""
+    noise = torch.randn((settings.num_generated, 1), generator=torch.Generator().manual_seed(noise_seed))
+    sample = generate(model, make_noise_scheduler(clip_sample=False), noise, settings.sampling_steps, **corrector)
+    return sample[:, 0].double().numpy()
+
+
+def train_auxiliaries(settings: Gaussian1DSettings, cache_dir: Optional[str]) -> List[Dict[str, Any]]:
+    """Each auxiliary's data, coordinates, trained model and training record."""
+    auxiliaries = []
+    for i, mixture in enumerate(AUXILIARIES):
+        generator = torch.Generator().manual_seed(900 + i)
+        train, val = (mixture.sample(size, generator) for size in settings.auxiliary_sizes)
+        coords = coordinates(settings, train)
+        key = dict(mixture=asdict(mixture), sizes=list(settings.auxiliary_sizes), data_seed=900 + i,
+                   coordinates=asdict(coords))  # fmt: skip
+        model, record = _train_mlp(settings, cache_dir, f"aux{i + 1}", key, coords.to_model(train),
+                                   coords.to_model(val), settings.auxiliary_training, settings.validation_draws, seed=i)
+        auxiliaries.append(dict(mixture=mixture, coordinates=coords, model=model, training=record))
+    return auxiliaries
 
 
 def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Optional[str]) -> Dict[str, Any]:
-    """Runs the sweep and writes report.md, results.json and figures to `out_dir`; returns the results."""
+    """Runs the sweep and the analyses; writes report.md, results.json and figures to `out_dir`; returns the results."""
     started = time.time()
-    auxiliaries = []
-    for i, mixture in enumerate(AUXILIARIES):
-        def draw(batch_size: int, generator: torch.Generator, mixture: Mixture1D = mixture) -> torch.Tensor:
-            return (mixture.sample(batch_size, generator) / DATA_SCALE).float()[:, None]
-
-        auxiliaries.append(_train_mlp(settings, cache_dir, f"aux{i + 1}", dict(mixture=asdict(mixture)), draw,
-                                      settings.auxiliary_training, seed=i))  # fmt: skip
-    records, histograms = [], {}
-    for seed in tqdm(settings.seeds, desc="seeds"):
+    auxiliaries = train_auxiliaries(settings, cache_dir)
+    members = [aux["model"] for aux in auxiliaries]
+    aux_names = [f"aux{i + 1}" for i in range(len(members))]
+    # the auxiliaries alone do not depend on the target data: their model-space samples are drawn once per trial
+    aux_samples = {(name, trial): sample_model(model, settings, noise_seed=70_000 + trial)
+                   for trial in range(settings.num_trials) for name, model in zip(aux_names, members)}  # fmt: skip
+    records, fits, histograms, examples = [], [], {}, {}
+    progress = tqdm(total=len(settings.seeds) * len(settings.n_values), desc="seeds x n")
+    for seed in settings.seeds:
         test = TARGET.sample(settings.num_test, torch.Generator().manual_seed(50_000 + seed)).numpy()
         for n in settings.n_values:
-            target = TARGET.sample(n, torch.Generator().manual_seed(1_000 * seed + n))  # (n,) original units
-            latents = (target / DATA_SCALE).float()[:, None]  # (n, 1) model space
-
-            def draw(batch_size: int, generator: torch.Generator, latents: torch.Tensor = latents) -> torch.Tensor:
-                return latents[torch.randint(0, latents.shape[0], (batch_size,), generator=generator)]
-
-            scratch = _train_mlp(settings, cache_dir, "scratch", dict(target=target.tolist()), draw,
-                                 settings.scratch_training, seed=100 + seed)  # fmt: skip
-            fused = FusedUNet(auxiliaries)
-            fit = fit_weights(fused, make_noise_scheduler(), latents, generator=torch.Generator().manual_seed(seed),
-                              num_noise_draws=settings.fit_noise_draws, timestep_range="small_t", progress_bar=False)
-            models = {"scratch": (scratch, None), "scorefusion": (fused, fit.weights.tolist())}
-            models.update({f"aux{i + 1}": (m, np.eye(len(auxiliaries))[i].tolist()) for i, m in enumerate(auxiliaries)})
-            for method, (model, weights) in models.items():
-                generated = _generate(model, settings, seed)
-                records.append(dict(seed=seed, n=n, method=method, w1=wasserstein1(generated, test), weights=weights))
-                if seed == settings.seeds[0]:
-                    histograms.setdefault(n, {})[method] = generated
-    methods = ["scratch", "scorefusion"] + [f"aux{i + 1}" for i in range(len(auxiliaries))]
-    rows = _aggregate(records, methods)
-    spectrum = _spectrum(auxiliaries, settings)
-    meta = dict(wall_time_s=time.time() - started, settings={k: (asdict(v) if isinstance(v, TrainingConfig) else v)
-                                                              for k, v in vars(settings).items()})  # fmt: skip
-    payload = dict(experiment="gaussian1d", units="w1: Wasserstein-1 distance in the data's original units",
-                   preset=settings.preset, target=asdict(TARGET), auxiliaries=[asdict(a) for a in AUXILIARIES],
-                   rows=rows, records=records, meta=meta)  # fmt: skip
-    _write_outputs(out_dir, settings, methods, payload, histograms, spectrum)
-    return payload
-
-
-def _aggregate(records: List[Dict[str, Any]], methods: Sequence[str]) -> List[Dict[str, Any]]:
-    rows = []
-    for n in sorted({r["n"] for r in records}):
-        for method in methods:
-            chosen = [r for r in records if r["n"] == n and r["method"] == method]
-            w1, w1_se = mean_and_se([r["w1"] for r in chosen])
-            weights = None
-            if chosen[0]["weights"] is not None:
-                weights = np.mean([r["weights"] for r in chosen], axis=0).round(4).tolist()
-            rows.append(dict(n=n, method=method, w1=w1, w1_se=w1_se, weights=weights, num_seeds=len(chosen)))
-    return rows
-
-
-def _spectrum(auxiliaries: Sequence[nn.Module], settings: Gaussian1DSettings) -> Dict[float, np.ndarray]:
-    """Samples from one set of initial noises for ``lambda = (1 - a, a)``, a from 0 to 1."""
-    fused = FusedUNet(auxiliaries)
-    spectrum = {}
-    for a in np.linspace(0, 1, 5):
-        fused.set_weights([1 - a, a])
-        spectrum[float(a)] = _generate(fused, settings, seed=777)
-    return spectrum
-
-
-def _write_outputs(out_dir: str, settings: Gaussian1DSettings, methods: Sequence[str], payload: Dict[str, Any],
-                   histograms: Dict[int, Dict[str, np.ndarray]], spectrum: Dict[float, np.ndarray]) -> None:
-    rows = payload["rows"]
-    write_json(os.path.join(out_dir, "results.json"), payload)
-    plot_metric_vs_n(rows, methods, "w1", "w1_se", "W1 to held-out target samples (lower is better)",
-                     "1-D mixtures: W1 vs number of target samples", os.path.join(out_dir, "w1_vs_n.png"), log_y=True)
-    plt = pyplot()
-    grid = np.linspace(-14, 16, 600)
-    ns = sorted(histograms)
-    figure, axes = plt.subplots(1, len(ns) + 1, figsize=(3.3 * (len(ns) + 1), 2.8), squeeze=False)
-    for axis, n in zip(axes[0], ns):
-        for method in ("scratch", "scorefusion"):
-            axis.hist(histograms[n][method], bins=120, range=(-14, 16), density=True, histtype="step", label=method)
-        axis.plot(grid, TARGET.density(grid), "k--", lw=0.8, label="target")
-        axis.set_title(f"n = {n}", fontsize=8)
-    axis = axes[0][-1]
-    for a, generated in spectrum.items():
-        label = f"λ=({1 - a:.2f}, {a:.2f})"
-        axis.hist(generated, bins=120, range=(-14, 16), density=True, histtype="step", label=label)
-    axis.set_title("λ-spectrum: aux1 → aux2 (same noise)", fontsize=8)
-    for axis in axes[0]:
-        axis.legend(fontsize=6)
-        axis.tick_params(labelsize=6)
-    save_figure(figure, os.path.join(out_dir, "samples.png"))
-    fusion = [r for r in rows if r["method"] == "scorefusion"]
-    lines = [
-        f"# 1-D Gaussian mixtures ({settings.preset} run)", "",
-        (f"Target {asdict(TARGET)}; auxiliaries {[asdict(a) for a in AUXILIARIES]} (auxiliary std and weights are our "
-        "assumption: PAPER.md gives only their means). Score networks: MLPs (hidden "
-        f"{settings.hidden_size}), DDPM epsilon loss, data divided by {DATA_SCALE}; auxiliaries: "
-        f"{settings.auxiliary_training.steps} steps on fresh draws; scratch: {settings.scratch_training.steps} steps "
-        "on "
-        "the n samples; scorefusion: `fit_weights` on the same n samples, small timesteps only (sigma_t <= 0.1). "
-        f"Metric: W1 between {settings.num_generated} generated samples (DDIM, {settings.sampling_steps} steps) and "
-        f"{settings.num_test} held-out target samples, original units; ± is the standard error over "
-        f"{len(settings.seeds)} seeds."), "",
-        "## W1 (lower is better)", "", markdown_table(rows, methods, "w1", "w1_se", digits=3, best="min"), "",
-        "## Fitted weights (mean over seeds)", "", "| n | λ (aux1, aux2) |", "| ---: | --- |",
-        *[f"| {r['n']} | {r['weights'][0]:.3f}, {r['weights'][1]:.3f} |" for r in fusion], "",
-        "![W1 vs n](w1_vs_n.png)", "", "![samples](samples.png)", "",
-        f"Wall time: {payload['meta']['wall_time_s']:.0f} s.", "",
-    ]  # fmt: skip
-    atomic_write_bytes(os.path.join(out_dir, "report.md"), "\n".join(lines).encode())
+            generator = torch.Generator().manual_seed(1_000 * seed + n)
+            train = TARGET.sample(n, generator)
+            val = TARGET.sample(max(1, int(round(n * settings.validation_fraction))), generator)
+            coords = coordinates(settings, train)
+            key = dict(target=train.tolist(), validation=val.tolist(), coordinates=asdict(coords))
+            scratch, record = _train_mlp(settings, cache_dir, "scratch", key, coords.to_model(train),
+                                         coords.to_model(val), settings.scratch_training,
+                                         settings.target_validation_draws, seed=100 + seed)  # fmt: skip
+            models: Dict[str, Tuple[nn.Module, Any]] = {"scratch": (scratch, None)}
+            for method, timestep_range in (("scorefusion", "small_t"), ("scorefusion-full", "full")):
+                fused = FusedUNet(members)
+                fit = fit_weights(fused, make_noise_scheduler(), coords.to_model(train),
+                                  generator=torch.Generator().manual_seed(seed),
+                                  num_noise_draws=settings.fit_noise_draws, timestep_range=timestep_range,
+                                  progress_bar=False)  # fmt: skip
+                models[method] = (fused, fit.weights.tolist())
+                fits.append(dict(seed=seed, n=n, method=method, weights=fit.weights.tolist(),
+                                 standard_errors=fit.standard_errors.tolist()))  # fmt: skip
+            for trial in range(settings.num_trials):
+                generated = {method: sample_model(model, settings, noise_seed=10_000 * seed + 100 * trial + n % 97)
+                             for method, (model, _) in models.items()}  # fmt: skip
+                generated.update({name: aux_samples[(name, trial)] for name in aux_names})
+                for method, z in generated.items():
+                    weights = models[method][1] if method in models else np.eye(len(members))[aux_names.index(method)]
+                    records.append(dict(seed=seed, n=n, method=method, trial=trial,
+                                        w1=wasserstein1(coords.to_data(z), test),
+                                        weights=None if weights is None else list(map(float, weights)),
+                                        training=record if method == "scratch" else None))  # fmt: skip
+                    if seed == settings.seeds[0] and trial == 0:
+                        histograms.setdefault(n, {})[method] = coords.to_data(z)
+            if seed == settings.seeds[0] and n == settings.n_values[-1]:
+                examples = dict(coordinates=coords, test=test)
+            progress.update(1)
+    progress.close()
+    largest = settings.n_values[-1]
+    marks = {method: np.mean([f["weights"][0] for f in fits if f["n"] == largest and f["method"] == method])
+             for method in ("scorefusion", "scorefusion-full")}  # fmt: skip
+    sampled = what_is_sampled(settings, TARGET, auxiliaries, examples["coordinates"], marks["scorefusion"],
+                              sample_model)  # fmt: skip
+    corrected = corrector_study(settings, TARGET, auxiliaries, examples["coordinates"], marks["scorefusion"],
+                                sample_model)  # fmt: skip
+    meta = dict(wall_time_s=time.time() - started, num_threads=torch.get_num_threads(),
+                auxiliary_coordinates=[asdict(a["coordinates"]) for a in auxiliaries],
+                auxiliary_training=[a["training"] for a in auxiliaries], lambda_marks=marks,
+                settings={k: (asdict(v) if isinstance(v, TrainingConfig) else v) for k, v in vars(settings).items()})
+    payload = dict(experiment="gaussian1d", setup=settings.setup, preset=settings.preset,
+                   units="w1: Wasserstein-1 distance in the data's original units", target=asdict(TARGET),
+                   auxiliaries=[asdict(a) for a in AUXILIARIES], reference_weights=list(REFERENCE_WEIGHTS),
+                   records=records, fits=fits, what_is_sampled=sampled, corrector=corrected, meta=meta)  # fmt: skip
+    return write_gaussian1d_outputs(out_dir, settings, payload, histograms)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Command-line entry point: ``python -m diffusers_scorefusion.experiments.gaussian1d [--full]``."""
+    """Command-line entry point: ``python -m diffusers_scorefusion.experiments.gaussian1d [--setup ...] [--full]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="n up to 4096, 5 seeds, longer training")
+    parser.add_argument("--setup", choices=SETUPS, default="paper",
+                        help="paper: each data set standardised by its own mean and std (the reference's); "
+                             "common-scale: all data divided by one constant")  # fmt: skip
+    parser.add_argument("--full", action="store_true", help="5 seeds, longer training")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--out", default=os.path.join("results", "gaussian1d"))
+    parser.add_argument("--trials", type=int, default=None, help="sampling trials per model (default 10)")
+    parser.add_argument("--out", default=None, help="output folder (default: results/gaussian1d[-common-scale])")
     parser.add_argument("--cache-dir", default=None, help="trained-model cache (default: <out>/cache)")
     parser.add_argument("--no-cache", action="store_true")
-    parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--num-threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these small MLPs run several times faster on 1 thread "
+                             "than on 2 when other processes share the cores)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.num_threads < 1:
         raise ValueError(f"--num-threads must be >= 1, got {args.num_threads}")
+    if args.trials is not None and args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
     torch.set_num_threads(args.num_threads)
-    settings = FULL_1D if args.full else QUICK_1D
+    settings = replace(FULL_1D if args.full else QUICK_1D, setup=args.setup)
     if args.seeds is not None:
         settings = replace(settings, seeds=tuple(args.seeds))
-    cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(args.out, "cache"))
-    payload = run_gaussian1d(settings, args.out, cache_dir)
-    print(f"wrote {args.out}/report.md ({payload['meta']['wall_time_s']:.0f} s)")
+    if args.trials is not None:
+        settings = replace(settings, num_trials=args.trials)
+    out = args.out or os.path.join("results", "gaussian1d" if args.setup == "paper" else f"gaussian1d-{args.setup}")
+    cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(out, "cache"))
+    payload = run_gaussian1d(settings, out, cache_dir)
+    print(f"wrote {out}/report.md ({payload['meta']['wall_time_s']:.0f} s)")
     return payload
 
 

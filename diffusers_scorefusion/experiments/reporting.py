@@ -101,14 +101,23 @@ def plot_metric_vs_n(rows: List[Dict[str, Any]], methods: Sequence[str], value: 
     """One line per method: mean ± s.e. against n (log-2 x axis)."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for method in methods:
+    draw_metric_vs_n(axis, rows, methods, value, se, ylabel, title, log_y)
+    save_figure(figure, path)
+
+
+def draw_metric_vs_n(axis: Any, rows: List[Dict[str, Any]], methods: Sequence[str], value: str, se: str, ylabel: str,
+                     title: str, log_y: bool = False, colors: Optional[Dict[str, str]] = None) -> None:  # fmt: skip
+    """Draws `plot_metric_vs_n`'s lines on a given matplotlib axis (`colors`: a colour per method, optional)."""
+    for index, method in enumerate(methods):
         points = sorted((row["n"], row[value], row.get(se)) for row in rows if row["method"] == method)
         if not points:
             continue
         ns, means, ses = zip(*points)
         ses = [0.0 if s is None or not math.isfinite(s) else s for s in ses]
         style = "-" if method in ("scorefusion", "scratch", "finetune") else ":"
-        axis.errorbar(ns, means, yerr=ses, label=method, linestyle=style, marker="o", markersize=3, capsize=2)
+        color = (colors or {}).get(method, f"C{index % 10}")
+        axis.errorbar(ns, means, yerr=ses, label=method, linestyle=style, marker="o", markersize=3, capsize=2,
+                      color=color)  # fmt: skip
     axis.set_xscale("log", base=2)
     if log_y:
         axis.set_yscale("log")
@@ -117,7 +126,6 @@ def plot_metric_vs_n(rows: List[Dict[str, Any]], methods: Sequence[str], value: 
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
-    save_figure(figure, path)
 
 
 def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
