@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = os.path.join(HERE, "baseline", f"diffusers-{diffusers.__version__}.json")
 STOCK_OPTION = "--upstream-stock"
 REPORT_OPTION = "--upstream-report"
+ALL_VARIANTS_OPTION = "--upstream-all-variants"
 
 if upstream_root() is None:
     collect_ignore_glob = ["test_*.py"]
@@ -34,6 +35,9 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption(STOCK_OPTION, action="store_true", default=False,
                     help="also run the stock upstream classes and rewrite the baseline file of this Diffusers version")
     group.addoption(REPORT_OPTION, default=None, help="write the stock-vs-fusion table (markdown) to this file")
+    group.addoption(ALL_VARIANTS_OPTION, action="store_true", default=False,
+                    help="run the whole suite on the two-member fusion for every pipeline (CI runs it for the "
+                         "ScoreFusion pipelines, and the stock comparison for the others)")
 
 
 _CONFIG: Dict[str, Any] = {}
@@ -50,6 +54,15 @@ def pytest_configure(config: Any) -> None:
     baseline = _load_baseline()
     config._upstream_run_stock = config.getoption(STOCK_OPTION) or baseline is None
     config._upstream_baseline = baseline or {}
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype():
+    """Diffusers' model loader sets torch's default dtype and restores it only when loading succeeds: a test failing
+    inside it would change every later test in the process. Each test starts with the dtype it found."""
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
 
 
 def _register_upstream_markers(config: Any) -> None:
@@ -96,6 +109,9 @@ def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
     for item in items:
         variant = _variant(item)
         if variant == "stock" and not run_stock:
+            deselected.append(item)
+            continue
+        if not (item.cls.upstream_full_suite or _is_ours(item.name) or config.getoption(ALL_VARIANTS_OPTION)):
             deselected.append(item)
             continue
         kept.append(item)

@@ -114,12 +114,17 @@ def derive(
     class_names: Sequence[str],
     fusion_pipeline_class: Optional[type] = None,
     denoiser_key: str = "unet",
+    full_two_member_suite: Optional[bool] = None,
 ) -> List[type]:
     """Adds `{UpstreamClass}__{variant}` test classes for every variant to `namespace` (a test module's globals).
 
     `fusion_pipeline_class` replaces the upstream `pipeline_class` in the fusion variants (`None`: the stock pipeline
-    class, with only its denoiser fused).
+    class, with only its denoiser fused). `full_two_member_suite` (default: when there is a fusion pipeline class)
+    runs the whole suite on the two-member fusion too; otherwise that variant runs only the bit-for-bit comparison
+    with the stock pipeline, unless pytest gets `--upstream-all-variants` (this keeps CI within its time budget).
     """
+    if full_two_member_suite is None:
+        full_two_member_suite = fusion_pipeline_class is not None
     upstream = import_upstream(module)
     derived = []
     for class_name in class_names:
@@ -129,6 +134,7 @@ def derive(
                 "__module__": namespace["__name__"],
                 "upstream_test": f"{module.replace('.', '/')}.py::{class_name}",
                 "upstream_variant": variant,
+                "upstream_full_suite": variant != "fusion2" or full_two_member_suite,
             }
             if variant != "stock":
                 attributes["get_dummy_components"] = _fused_dummy_components(base, variant, denoiser_key)
