@@ -26,6 +26,7 @@ from ..fusion.member_utils import (
 )
 from ..fusion.modeling_fusion import FusedModelMixin, replace_first_field
 from ..fusion.offload_utils import call_on_member_device
+from ..loaders.fusion_mixin import FusionSaveLoadMixin
 
 # Names under which transformers take the noise level (`t`: Z-Image).
 TIMESTEP_ARGUMENTS = ("timestep", "timesteps", "t")
@@ -76,7 +77,7 @@ def check_scheduler_matches_transformer(transformer: Any, scheduler: Any) -> Non
         )
 
 
-class FusedTransformer(FusedModelMixin):
+class FusedTransformer(FusionSaveLoadMixin, FusedModelMixin):
     r"""
     Several Diffusers transformers of one class and config, combined into the KL-barycenter denoiser of ScoreFusion.
 
