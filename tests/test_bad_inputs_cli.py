@@ -20,9 +20,23 @@ def _data(root, names=("a.png", "b.png"), metadata=None):
     return data
 
 
-def _fit_argv(root, data, *extra, out="out"):
-    return ["fit", "--base", str(root / "no-base"), "--unet", str(root / "no-unet"), "--data", str(data),
-            "--out", str(root / out), "--no-progress", *extra]  # fmt: skip
+def _fit_argv(root, data, *extra, out="out", members=("--unet", "no-unet"), base="no-base"):
+    members = [value if value.startswith("--") else str(root / value) for value in members]
+    return ["fit", "--base", str(root / base), *members, "--data", str(data), "--out", str(root / out), "--no-progress",
+            *extra]  # fmt: skip
+
+
+def _base(root, class_name, denoiser):
+    """A base folder whose model_index.json names `class_name` and a `denoiser` component (nothing is loaded: the
+    refusals below come first)."""
+    (root / "base").mkdir()
+    index = {"_class_name": class_name, denoiser: ["diffusers", "Model"], "vae": ["diffusers", "AutoencoderKL"]}
+    (root / "base" / "model_index.json").write_text(json.dumps(index))
+
+
+def _fit_on(class_name, denoiser, *extra, members=("--unet", "no-unet")):
+    return lambda root: (_base(root, class_name, denoiser),
+                         _fit_argv(root, _data(root), *extra, members=members, base="base"))[1]  # fmt: skip
 
 
 def _outside_name(root):
@@ -68,6 +82,22 @@ CLI_CASES = [
     ("--height not a multiple of 8", lambda root: _fit_argv(root, _data(root), "--height", "13"),
      "--height must be a positive multiple of 8"),
     ("--out holding another pipeline", _foreign_out, "is not from a ScoreFusion pipeline save"),
+    ("--unet for a Flux base", _fit_on("FluxPipeline", "transformer"),
+     "is a FluxPipeline, whose members are transformers: give them with --transformer, not --unet"),
+    ("--transformer for a Stable Diffusion base", _fit_on("StableDiffusionPipeline", "unet", members=(
+        "--transformer", "a")), "whose members are UNets: give them with --unet, not --transformer"),
+    ("both --unet and --transformer", lambda root: _fit_argv(root, _data(root), members=(
+        "--unet", "a", "--transformer", "b")), "--unet (Stable Diffusion 1/2, XL) or --transformer (SD3, Flux), not both"),
+    ("neither --unet nor --transformer", lambda root: _fit_argv(root, _data(root), members=()), "not neither"),
+    ("a base without model_index.json", lambda root: _fit_argv(root, _data(root)),
+     "is not a Diffusers pipeline (no readable model_index.json)"),
+    ("a base of another transformer pipeline", _fit_on("WanPipeline", "transformer", members=("--transformer", "a")),
+     "is a 'WanPipeline'; scorefusion takes StableDiffusionPipeline, StableDiffusionXLPipeline"),
+    ("--guidance-scale for an SD3 base", _fit_on("StableDiffusion3Pipeline", "transformer", "--guidance-scale", "3",
+                                                 members=("--transformer", "a")), "--guidance-scale applies to Flux"),
+    ("sample from a folder that is no pipeline", lambda root: ["sample", "--fusion", str(root), "--prompt", "x",
+                                                               "--out", str(root / "out")],
+     "is not a Diffusers pipeline (no readable model_index.json)"),
     ("sample --num-inference-steps 0", lambda root: ["sample", "--fusion", str(root / "none"), "--prompt", "x",
                                                      "--out", str(root / "out"), "--num-inference-steps", "0"],
      "--num-inference-steps must be >= 1, got 0"),
