@@ -53,7 +53,8 @@ class Env:
                 with open(path, "rb") as handle:
                     files[os.path.relpath(path, self.root)] = hashlib.sha256(handle.read()).hexdigest()
         models = [(json.dumps(dict(model.config), sort_keys=True, default=str), model.fusion_weights.tolist(),
-                   [param.sum().item() for param in model.parameters()]) for model in (self.fused, self.pipe.unet, self.tfused)]  # fmt: skip
+                   [param.sum().item() for param in model.parameters()])
+                  for model in (self.fused, self.pipe.unet, self.tfused)]  # fmt: skip
         return files, models
 
 
@@ -75,8 +76,8 @@ def pristine(tmp_path_factory):
     tfused.save_pretrained(root / "tfusion")
     for i, transformer in enumerate(tfused.transformers):
         transformer.save_pretrained(root / f"flux_{i}")
-    tfused.save_pretrained(root / "tref", reference_only=True,
-                           member_sources=[{"pretrained_model_name_or_path": str(root / f"flux_{i}")} for i in (0, 1)])
+    sources = [{"pretrained_model_name_or_path": str(root / f"flux_{i}")} for i in (0, 1)]
+    tfused.save_pretrained(root / "tref", reference_only=True, member_sources=sources)
     return root, fused, pipe, tfused
 
 
@@ -366,13 +367,15 @@ CASES = [
     # ---- FusedTransformer folders: the same schema, with member_class and a flow schedule
     Case("transformer member class os.system", _tampered_transformer(_member(0, class_name="os.system")), ValueError,
          "records class 'os.system'; expected one of \\('FluxTransformer2DModel', 'LoraMember'\\)"),
-    Case("transformer member recorded as a UNet", _tampered_transformer(_member(1, class_name="UNet2DConditionModel")),
-         ValueError, "records class 'UNet2DConditionModel'; expected one of \\('FluxTransformer2DModel'"),
+    Case("transformer member recorded as a UNet", _tampered_transformer(_member(
+         1, class_name="UNet2DConditionModel")), ValueError,
+         "records class 'UNet2DConditionModel'; expected one of \\('FluxTransformer2DModel'"),
     Case("member_class that is not a Diffusers transformer", _tampered_transformer(lambda c: c.update(
          member_class="StableDiffusionPipeline")), ValueError,
          "member_class 'StableDiffusionPipeline' is not a Diffusers transformer model"),
-    Case("member_class that is a UNet", _tampered_transformer(lambda c: c.update(member_class="UNet2DConditionModel")),
-         ValueError, "member_class 'UNet2DConditionModel' is not a Diffusers transformer model"),
+    Case("member_class that is a UNet", _tampered_transformer(lambda c: c.update(
+         member_class="UNet2DConditionModel")), ValueError,
+         "member_class 'UNet2DConditionModel' is not a Diffusers transformer model"),
     Case("member_class os.system", _tampered_transformer(lambda c: c.update(member_class="os.system")), ValueError,
          "member_class 'os.system' is not a Diffusers transformer model"),
     Case("member_class other than the members'", _tampered_transformer(lambda c: c.update(
@@ -384,9 +387,10 @@ CASES = [
     Case("reference-only transformer member that is a UNet", _unet_as_transformer, ValueError,
          "is a 'UNet2DConditionModel'; expected a FluxTransformer2DModel"),
     Case("reference-only transformer member outside the folder's parent", _tampered_transformer(
-         _member(1, pretrained_model_name_or_path="/"), lambda env: env.tref), ValueError, "outside .*allow_outside"),
-    Case("flow schedule with a DDPM key", _tampered_transformer(lambda c: c["noise_schedule"].update(beta_start=0.1)),
-         ValueError, r"noise_schedule has unknown keys \['beta_start'\]"),
+         _member(1, pretrained_model_name_or_path="/"), lambda env: env.tref), ValueError,
+         "outside .*allow_outside"),
+    Case("flow schedule with a DDPM key", _tampered_transformer(lambda c: c["noise_schedule"].update(
+         beta_start=0.1)), ValueError, r"noise_schedule has unknown keys \['beta_start'\]"),
     Case("flow schedule with shift 0", _tampered_transformer(lambda c: c["noise_schedule"].update(shift=0)),
          ValueError, "noise_schedule: .*shift must be a finite number > 0, got 0"),
     Case("flow schedule with num_train_timesteps as a string", _tampered_transformer(lambda c: c["noise_schedule"]
@@ -397,7 +401,8 @@ CASES = [
          prediction_type="epsilon")), ValueError, r"unknown keys \['prediction_type'\]"),
     Case("a FusedTransformer folder loaded as a FusedUNet", _load(lambda env: env.tsaved), ValueError,
          "is not a FusedUNet config \\(_class_name='FusedTransformer'\\); load it with FusedTransformer"),
-    Case("a FusedUNet folder loaded as a FusedTransformer", _load(lambda env: env.saved, FusedTransformer), ValueError,
+    Case("a FusedUNet folder loaded as a FusedTransformer", _load(lambda env: env.saved, FusedTransformer),
+         ValueError,
          "is not a FusedTransformer config \\(_class_name='FusedUNet'\\); load it with FusedUNet.from_pretrained"),
     Case("transformer member file missing a tensor", _missing_transformer_tensor, ValueError,
          r"lacks tensors \['proj_out.weight'\]"),

@@ -87,7 +87,8 @@ CLI_CASES = [
     ("--transformer for a Stable Diffusion base", _fit_on("StableDiffusionPipeline", "unet", members=(
         "--transformer", "a")), "whose members are UNets: give them with --unet, not --transformer"),
     ("both --unet and --transformer", lambda root: _fit_argv(root, _data(root), members=(
-        "--unet", "a", "--transformer", "b")), "--unet (Stable Diffusion 1/2, XL) or --transformer (SD3, Flux), not both"),
+        "--unet", "a", "--transformer", "b")),
+     "--unet (Stable Diffusion 1/2, XL) or --transformer (SD3, Flux), not both"),
     ("neither --unet nor --transformer", lambda root: _fit_argv(root, _data(root), members=()), "not neither"),
     ("a base without model_index.json", lambda root: _fit_argv(root, _data(root)),
      "is not a Diffusers pipeline (no readable model_index.json)"),

@@ -1,4 +1,5 @@
-"""`scorefusion fit` / `sample` with SD3 and Flux bases (members given with `--transformer`), on tiny local pipelines."""
+"""`scorefusion fit` / `sample` with SD3 and Flux bases (members given with `--transformer`), on tiny local
+pipelines."""
 
 import os
 
@@ -22,7 +23,8 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Per family: a stock base pipeline, a member transformer folder, a member pipeline folder; captioned 8x8 images."""
+    """Per family: a stock base pipeline, a member transformer folder and a member pipeline folder; captioned 8 x 8
+    images."""
     root = tmp_path_factory.mktemp("cli")
     for family, (stock_class, _, build, build_member) in FAMILIES.items():
         components = build(0)
