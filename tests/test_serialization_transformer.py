@@ -104,6 +104,9 @@ def test_reference_only_layout_and_push_to_hub(tmp_path, monkeypatch):
     parts.get_dummy_flux_transformer(1).save_pretrained(tmp_path / "member_a")
     FluxPipeline(**{**components, "transformer": parts.get_dummy_flux_transformer(2)}).save_pretrained(tmp_path / "b")
     members = [tmp_path / "member_a", tmp_path / "b"]  # a transformer folder, a pipeline folder
+    dtypes = {"transformer": torch.bfloat16, "default": torch.float32}  # Diffusers' per-component torch_dtype
+    pipe = ScoreFusionFluxPipeline.from_pretrained(tmp_path / "base", transformers=members, torch_dtype=dtypes)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
     pipe = ScoreFusionFluxPipeline.from_pretrained(tmp_path / "base", transformers=members, weights=[0.3, 0.7])
     pipe.transformer.save_pretrained(tmp_path / "ref", reference_only=True)
     assert os.listdir(tmp_path / "ref") == ["config.json"]
@@ -178,3 +181,34 @@ def test_a_stock_flux_pipeline_saves_and_loads_its_fused_transformer(tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = FluxPipeline.from_pretrained(tmp_path / "pipe", disable_mmap=True)
     assert isinstance(loaded.transformer, FusedTransformer) and torch.equal(_images(loaded), _images(pipe))
+
+
+def _to_hub_cache(folder, repo_id):
+    """Puts a local folder into the Hugging Face cache as `repo_id` (what a download leaves there; tests are offline)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = os.path.join(constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, os.path.join(repo, "snapshots", "0" * 40))
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as handle:
+        handle.write("0" * 40)
+
+
+def test_hub_repo_ids_load_as_local_folders_do(fused, tmp_path):
+    fused.save_pretrained(tmp_path / "fusion")
+    _to_hub_cache(tmp_path / "fusion", "someone/flux-fusion")
+    assert _same_tensors(FusedTransformer.from_pretrained("someone/flux-fusion"), fused)  # sha256 checked there too
+    # reference-only on the Hub: members are Hub repos, a transformer repo and a pipeline repo (its transformer/)
+    components = parts.get_dummy_flux_components(0)
+    fused.transformers[0].save_pretrained(tmp_path / "a")
+    FluxPipeline(**{**components, "transformer": fused.transformers[1]}).save_pretrained(tmp_path / "b")
+    _to_hub_cache(tmp_path / "a", "someone/flux-a")
+    _to_hub_cache(tmp_path / "b", "someone/flux-b")
+    sources = [{"pretrained_model_name_or_path": f"someone/flux-{name}"} for name in "ab"]
+    fused.save_pretrained(tmp_path / "ref", reference_only=True, member_sources=sources)
+    _to_hub_cache(tmp_path / "ref", "someone/flux-ref")
+    loaded = FusedTransformer.from_pretrained("someone/flux-ref")
+    assert _same_tensors(loaded, fused)
+    assert loaded.member_sources[1]["pretrained_model_name_or_path"] == "someone/flux-b"
