@@ -1,7 +1,12 @@
 """`scorefusion` command line: fit fusion weights to a folder of captioned images, and sample from a saved fusion.
 
-    scorefusion fit --base BASE --unet A --unet B --data DIR --out FUSION_DIR
+    scorefusion fit --base BASE --unet A --unet B --data DIR --out FUSION_DIR               # Stable Diffusion 1/2, XL
+    scorefusion fit --base BASE --transformer A --transformer B --data DIR --out FUSION_DIR # SD3, Flux
     scorefusion sample --fusion FUSION_DIR --prompt "..." --out samples/
+
+The kind of base (and so the fusion pipeline and whether members are `--unet`s or `--transformer`s) is read from the
+`_class_name` of the base's `model_index.json` (`BASE_PIPELINES`; other pipelines with a `unet` are taken as Stable
+Diffusion). `sample` reads a saved fusion pipeline's `model_index.json` the same way.
 
 A data folder holds images (`.png`, `.jpg`, `.jpeg`, `.webp`, `.bmp`) with their captions, either as
 `metadata.jsonl` (one JSON object per line with `file_name` and `text`, as Hugging Face `imagefolder`) or, when
@@ -24,6 +29,13 @@ import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The fusion pipeline for each base pipeline (`_class_name` of its model_index.json); a saved fusion names its own.
+BASE_PIPELINES = {
+    "StableDiffusionPipeline": "ScoreFusionPipeline",
+    "StableDiffusionXLPipeline": "ScoreFusionXLPipeline",
+    "StableDiffusion3Pipeline": "ScoreFusionSD3Pipeline",
+    "FluxPipeline": "ScoreFusionFluxPipeline",
+}
 
 
 def _inside(data_dir: str, name: Any, where: str) -> str:
@@ -115,14 +127,64 @@ def read_image_folder(data_dir: Union[str, os.PathLike]) -> Tuple[List[PIL.Image
     return images, [captions[name] for name in names], names
 
 
-def _timestep_range(value: str) -> Union[str, Tuple[int, int]]:
+def _timestep_range(value: str) -> Union[str, Tuple[int, int], Tuple[float, float]]:
+    """`full`, `small_t`, or two timesteps: ints (UNet timesteps, SD3's sigma x 1000) or numbers (Flux's sigma)."""
     if value in ("full", "small_t"):
         return value
+    parts = value.split(",")
     try:
-        low, high = (int(part) for part in value.split(","))
+        if len(parts) != 2:
+            raise ValueError(value)
+        try:
+            return int(parts[0]), int(parts[1])
+        except ValueError:
+            return float(parts[0]), float(parts[1])
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected full, small_t or T_MIN,T_MAX, got {value!r}") from error
-    return low, high
+
+
+def fusion_pipeline_class(path: str, flag: str) -> Tuple[type, Dict[str, Any]]:
+    """The ScoreFusion pipeline class for a base model or a saved fusion pipeline (`path`, a folder or Hub id, given
+    as `flag`), from the `_class_name` of its `model_index.json`, and that index."""
+    from diffusers import DiffusionPipeline
+
+    from . import pipelines
+
+    try:
+        index = DiffusionPipeline.load_config(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{flag} {path!r} is not a Diffusers pipeline (no readable model_index.json): {error}"
+        ) from error
+    name = index.get("_class_name")
+    fusion_name = name if name in BASE_PIPELINES.values() else BASE_PIPELINES.get(name)
+    if fusion_name is None and isinstance(index.get("unet"), list):
+        fusion_name = "ScoreFusionPipeline"  # other Stable Diffusion pipelines, read as before
+    if fusion_name is None:
+        raise ValueError(
+            f"{flag} {path!r} is a {name!r}; scorefusion takes {', '.join(BASE_PIPELINES)} (or another pipeline with "
+            "a unet) and the ScoreFusion pipelines saved from them"
+        )
+    return getattr(pipelines, fusion_name), index
+
+
+def _members(args: argparse.Namespace) -> List[str]:
+    """The members given with `--unet` or `--transformer` (one of the two, at least one member)."""
+    if bool(args.unet) == bool(args.transformer):
+        raise ValueError("give the members with --unet (Stable Diffusion 1/2, XL) or --transformer (SD3, Flux), not "
+                         f"{'both' if args.unet else 'neither'}")  # fmt: skip
+    return list(args.unet or args.transformer)
+
+
+def _check_member_flag(args: argparse.Namespace, pipeline_class: type, base_class: Any) -> None:
+    """Refuses members given with the flag of the other kind of base."""
+    expected = f"--{pipeline_class.fused_component}"
+    given = "--unet" if args.unet else "--transformer"
+    if given != expected:
+        kind = "UNet" if expected == "--unet" else "transformer"
+        raise ValueError(
+            f"--base {args.base!r} is a {base_class}, whose members are {kind}s: give them with {expected}, not {given}"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,17 +194,23 @@ def _parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit the fusion weights to captioned images and save the fused pipeline")
     fit.add_argument(
-        "--base", required=True, help="base Stable Diffusion pipeline (folder or Hub id): VAE, text encoder, scheduler"
-    )
-    fit.add_argument(
-        "--unet", action="append", required=True, help="a member UNet or pipeline (folder or Hub id); repeat"
-    )
+        "--base", required=True, help="base pipeline (folder or Hub id: SD 1/2, SDXL, SD3, Flux): VAE, text encoders, "
+        "scheduler"
+    )  # fmt: skip
+    fit.add_argument("--unet", action="append", help="a member UNet or pipeline (folder or Hub id); repeat")
+    fit.add_argument("--transformer", action="append",
+                     help="a member transformer or pipeline (folder or Hub id) of an SD3 or Flux base; repeat")
     fit.add_argument("--data", required=True, help="folder of images with captions")
     fit.add_argument("--out", required=True, help="folder to save the fitted pipeline to")
     fit.add_argument("--method", choices=("exact", "sgd"), default="exact")
     fit.add_argument("--num-noise-draws", type=int, default=8)
-    fit.add_argument("--timestep-range", type=_timestep_range, default="full", help="full, small_t or T_MIN,T_MAX")
+    fit.add_argument("--timestep-range", type=_timestep_range, default="full",
+                     help="full, small_t or T_MIN,T_MAX in the model's timestep units")  # fmt: skip
     fit.add_argument("--weighting", choices=("uniform", "snr", "min_snr"), default="uniform")
+    fit.add_argument("--timestep-density", choices=("uniform", "logit_normal"),
+                     help="SD3, Flux: how timesteps are drawn (default: as the model was trained)")  # fmt: skip
+    fit.add_argument("--guidance-scale", type=float,
+                     help="Flux: the (distilled) guidance you sample with; default 3.5, as FluxPipeline")  # fmt: skip
     fit.add_argument("--num-timestep-bins", type=int, default=1)
     fit.add_argument("--batch-size", type=int, default=16)
     fit.add_argument("--num-bootstrap", type=int, default=200)
@@ -160,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
     sample.add_argument("--num-images", type=int, default=4)
     sample.add_argument("--num-inference-steps", type=int, default=25)
-    sample.add_argument("--guidance-scale", type=float, default=7.5)
+    sample.add_argument("--guidance-scale", type=float, help="default: the pipeline's own")
     sample.add_argument("--height", type=int)
     sample.add_argument("--width", type=int)
     sample.add_argument("--seed", type=int, default=0)
@@ -200,24 +268,36 @@ def _check_common(args: argparse.Namespace) -> None:
 def _fit(args: argparse.Namespace) -> None:
     from .loaders.atomic_save import check_save_target
     from .loaders.pipeline_loading import MODEL_INDEX, PIPELINE_SAVE
-    from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 
     _check_common(args)
-    components = [MODEL_INDEX, "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    check_save_target(os.path.abspath(args.out), PIPELINE_SAVE, components)  # refused before the fit, not after
+    members = _members(args)
+    out = os.path.abspath(args.out)
+    check_save_target(out, PIPELINE_SAVE, [MODEL_INDEX])  # refused before the fit, not after
     images, prompts, names = read_image_folder(args.data)
     print(f"{len(images)} target images from {args.data}", file=sys.stderr)
-    pipe = ScoreFusionPipeline.from_pretrained(args.base, unets=args.unet, **_dtype_kwargs(args.dtype)).to(args.device)
+    pipeline_class, index = fusion_pipeline_class(args.base, "--base")
+    _check_member_flag(args, pipeline_class, index.get("_class_name"))
+    flux = pipeline_class.__name__ == "ScoreFusionFluxPipeline"
+    if args.guidance_scale is not None and not flux:
+        raise ValueError(f"--guidance-scale applies to Flux bases (the guidance they sample with); {args.base!r} is a "
+                         f"{index.get('_class_name')}")  # fmt: skip
+    components = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+                  and value[0] is not None]  # fmt: skip
+    check_save_target(out, PIPELINE_SAVE, [MODEL_INDEX, *components])
+    pipe = pipeline_class.from_pretrained(args.base, **{f"{pipeline_class.fused_component}s": members},
+                                          **_dtype_kwargs(args.dtype)).to(args.device)  # fmt: skip
     pipe.set_progress_bar_config(disable=args.no_progress)
+    options = {key: value for key, value in (("timestep_density", args.timestep_density),
+                                             ("guidance_scale", args.guidance_scale)) if value is not None}  # fmt: skip
     result = pipe.fit_weights(
         images, prompts, height=args.height, width=args.width, method=args.method, num_noise_draws=args.num_noise_draws,
         timestep_range=args.timestep_range, weighting=args.weighting, num_timestep_bins=args.num_timestep_bins,
         batch_size=args.batch_size, num_bootstrap=args.num_bootstrap, progress_bar=not args.no_progress,
-        generator=torch.Generator().manual_seed(args.seed), set_weights=False,
+        generator=torch.Generator().manual_seed(args.seed), set_weights=False, **options,
     )  # fmt: skip
-    provenance = dict(result.provenance, data_dir=os.path.abspath(args.data), data_files=names, members=list(args.unet),
+    provenance = dict(result.provenance, data_dir=os.path.abspath(args.data), data_files=names, members=members,
                       base=args.base)  # fmt: skip
-    pipe.unet.set_weights(result.weights, timestep_bin_edges=result.timestep_bin_edges, provenance=provenance)
+    pipe.fusion_model.set_weights(result.weights, timestep_bin_edges=result.timestep_bin_edges, provenance=provenance)
     pipe.save_pretrained(args.out)
     weights = result.weights.flatten().tolist()
     errors = None if result.standard_errors is None else result.standard_errors.flatten().tolist()
@@ -240,23 +320,23 @@ def _save_png(image: PIL.Image.Image, path: str) -> None:
 def _sample(args: argparse.Namespace) -> None:
     from diffusers.utils import make_image_grid
 
-    from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
-
     _check_common(args)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     if args.num_inference_steps < 1:
         raise ValueError(f"--num-inference-steps must be >= 1, got {args.num_inference_steps}")
-    if not math.isfinite(args.guidance_scale):
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file; expected a folder for the PNGs")
-    pipe = ScoreFusionPipeline.from_pretrained(args.fusion, **_dtype_kwargs(args.dtype)).to(args.device)
+    pipeline_class, _ = fusion_pipeline_class(args.fusion, "--fusion")
+    pipe = pipeline_class.from_pretrained(args.fusion, **_dtype_kwargs(args.dtype)).to(args.device)
     pipe.set_progress_bar_config(disable=args.no_progress)
+    guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     images = pipe(
         args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=args.height,
-        width=args.width, generator=torch.Generator().manual_seed(args.seed),
+        num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
+        generator=torch.Generator().manual_seed(args.seed), **guidance,
     ).images  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     for index, image in enumerate(images):

@@ -2,7 +2,8 @@
 the value and what was expected, and refusing it changes nothing (the fusion's weights and config, and every file).
 
 Rows marked "existing" restate cases other test modules already check. Forms that are accepted (uint8 images, RGBA
-PIL images, mixed sizes with height/width) are checked at the end.
+PIL images, mixed sizes with height/width) are checked at the end. The command line's rows are in
+`test_bad_inputs_cli.py`.
 """
 
 import hashlib
@@ -17,23 +18,26 @@ import PIL.Image
 import pytest
 import safetensors.torch
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline, fit_weights
+from diffusers_scorefusion import FusedTransformer, FusedUNet, ScoreFusionPipeline, fit_weights
 from diffusers_scorefusion.fitting import encode_for_fitting
 from diffusers_scorefusion.loaders.atomic_save import JOURNAL_NAME
 from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
+from diffusers_scorefusion.testing_utils_transformers import get_dummy_flux_transformer
 
 MEMBER = "member_1.diffusers"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 class Env:
-    """A fusion and a pipeline in memory, a saved self-contained fusion and a reference-only one in `root`."""
+    """A fusion, a transformer fusion and a pipeline in memory; each fusion saved self-contained and reference-only
+    in `root`."""
 
-    def __init__(self, root, fused, pipe):
-        self.root, self.fused, self.pipe = root, fused, pipe
+    def __init__(self, root, fused, pipe, tfused):
+        self.root, self.fused, self.pipe, self.tfused = root, fused, pipe, tfused
         self.saved, self.ref = root / "fusion", root / "ref"
+        self.tsaved, self.tref = root / "tfusion", root / "tref"
 
     def edit(self, change: Callable[[dict], Any], folder=None) -> None:
         path = (folder or self.saved) / "config.json"
@@ -49,7 +53,8 @@ class Env:
                 with open(path, "rb") as handle:
                     files[os.path.relpath(path, self.root)] = hashlib.sha256(handle.read()).hexdigest()
         models = [(json.dumps(dict(model.config), sort_keys=True, default=str), model.fusion_weights.tolist(),
-                   [param.sum().item() for param in model.parameters()]) for model in (self.fused, self.pipe.unet)]  # fmt: skip
+                   [param.sum().item() for param in model.parameters()])
+                  for model in (self.fused, self.pipe.unet, self.tfused)]  # fmt: skip
         return files, models
 
 
@@ -66,14 +71,21 @@ def pristine(tmp_path_factory):
     fused.save_pretrained(root / "ref", reference_only=True, member_sources=sources)
     pipe = ScoreFusionPipeline(**get_dummy_components(weights=[0.5, 0.5]))
     pipe.set_progress_bar_config(disable=True)
-    return root, fused, pipe
+    tfused = FusedTransformer([get_dummy_flux_transformer(0), get_dummy_flux_transformer(1)], weights=[0.3, 0.7],
+                              member_schedulers=[FlowMatchEulerDiscreteScheduler()] * 2)  # fmt: skip
+    tfused.save_pretrained(root / "tfusion")
+    for i, transformer in enumerate(tfused.transformers):
+        transformer.save_pretrained(root / f"flux_{i}")
+    sources = [{"pretrained_model_name_or_path": str(root / f"flux_{i}")} for i in (0, 1)]
+    tfused.save_pretrained(root / "tref", reference_only=True, member_sources=sources)
+    return root, fused, pipe, tfused
 
 
 @pytest.fixture
 def env(pristine, tmp_path):
-    root, fused, pipe = pristine
+    root, fused, pipe, tfused = pristine
     shutil.copytree(root, tmp_path / "root")
-    return Env(tmp_path / "root", fused, pipe)
+    return Env(tmp_path / "root", fused, pipe, tfused)
 
 
 @dataclass
@@ -84,24 +96,28 @@ class Case:
     match: str
 
 
-def _load(folder_of, **kwargs):
-    return lambda env: lambda: FusedUNet.from_pretrained(folder_of(env), **kwargs)
+def _load(folder_of, loader=FusedUNet, **kwargs):
+    return lambda env: lambda: loader.from_pretrained(folder_of(env), **kwargs)
 
 
-def _tampered(change, folder=lambda env: env.saved, **kwargs):
+def _tampered(change, folder=lambda env: env.saved, loader=FusedUNet, **kwargs):
     def action(env):
         env.edit(change, folder(env))
-        return lambda: FusedUNet.from_pretrained(folder(env), **kwargs)
+        return lambda: loader.from_pretrained(folder(env), **kwargs)
 
     return action
+
+
+def _tampered_transformer(change, folder=lambda env: env.tsaved, **kwargs):
+    return _tampered(change, folder, FusedTransformer, **kwargs)
 
 
 def _member(index, **changes):
     return lambda config: config["members"][index].update(changes)
 
 
-def _rewrite_member(env, change):
-    path = env.saved / MEMBER / WEIGHTS
+def _rewrite_member(env, change, folder=None):
+    path = (folder or env.saved) / MEMBER / WEIGHTS
     tensors = safetensors.torch.load_file(path)
     change(tensors)
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
@@ -115,6 +131,11 @@ def _missing_tensor(env):
 def _unexpected_tensor(env):
     _rewrite_member(env, lambda tensors: tensors.update({"extra.weight": torch.zeros(2)}))
     return lambda: FusedUNet.from_pretrained(env.saved, verify_weights=False)
+
+
+def _missing_transformer_tensor(env):
+    _rewrite_member(env, lambda tensors: tensors.pop("proj_out.weight"), env.tsaved)
+    return lambda: FusedTransformer.from_pretrained(env.tsaved, verify_weights=False)
 
 
 def _flipped_byte(env):
@@ -135,13 +156,13 @@ class Payload:
         return (os.makedirs, (os.path.join(os.environ.get("SCOREFUSION_TEST_MARKER", "/nonexistent"), "ran"),))
 
 
-def _pickle_with_code(env):
-    member = env.saved / MEMBER
+def _pickle_with_code(env, folder=None, loader=FusedUNet):
+    member = (folder or env.saved) / MEMBER
     tensors = safetensors.torch.load_file(member / WEIGHTS)
     os.remove(member / WEIGHTS)
     torch.save({**tensors, "payload": Payload()}, member / "diffusion_pytorch_model.bin")
     os.environ["SCOREFUSION_TEST_MARKER"] = str(env.root.parent)
-    return lambda: FusedUNet.from_pretrained(env.saved, verify_weights=False)
+    return lambda: loader.from_pretrained(folder or env.saved, verify_weights=False)
 
 
 def _planted_journal(env):
@@ -199,6 +220,31 @@ def _stock_pipeline_folder(env):
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     return folder
+
+
+def _subclass_member(env):
+    class MyFlux(FluxTransformer2DModel):  # a class loading would have to import from somewhere other than Diffusers
+        pass
+
+    fused = FusedTransformer([MyFlux(**get_dummy_flux_transformer(0).config)])
+    return lambda: fused.save_pretrained(env.root / "new")
+
+
+def _stock_transformer_folder(env):
+    get_dummy_flux_transformer(0).save_pretrained(env.root / "someone_elses_transformer")
+    return env.root / "someone_elses_transformer"
+
+
+def _unet_as_transformer(env):
+    def change(config):  # member 0 names a UNet folder, member 1 its own folder (both inside the copied root)
+        for i, name in enumerate(("unet_0", "flux_1")):
+            config["members"][i]["pretrained_model_name_or_path"] = str(env.root / name)
+
+    return _tampered_transformer(change, lambda env: env.tref)(env)
+
+
+def _transformer_members(**changes):
+    return lambda config: [member.update(changes) for member in config["members"]]
 
 
 def _bad_lora(tensors):
@@ -318,6 +364,59 @@ CASES = [
          use_safetensors=False), ValueError, "contradicts"),
     Case("unknown load keyword (existing)", _load(lambda env: env.saved, weights_only=False), TypeError,
          "unexpected keyword arguments"),
+    # ---- FusedTransformer folders: the same schema, with member_class and a flow schedule
+    Case("transformer member class os.system", _tampered_transformer(_member(0, class_name="os.system")), ValueError,
+         "records class 'os.system'; expected one of \\('FluxTransformer2DModel', 'LoraMember'\\)"),
+    Case("transformer member recorded as a UNet", _tampered_transformer(_member(
+         1, class_name="UNet2DConditionModel")), ValueError,
+         "records class 'UNet2DConditionModel'; expected one of \\('FluxTransformer2DModel'"),
+    Case("member_class that is not a Diffusers transformer", _tampered_transformer(lambda c: c.update(
+         member_class="StableDiffusionPipeline")), ValueError,
+         "member_class 'StableDiffusionPipeline' is not a Diffusers transformer model"),
+    Case("member_class that is a UNet", _tampered_transformer(lambda c: c.update(
+         member_class="UNet2DConditionModel")), ValueError,
+         "member_class 'UNet2DConditionModel' is not a Diffusers transformer model"),
+    Case("member_class os.system", _tampered_transformer(lambda c: c.update(member_class="os.system")), ValueError,
+         "member_class 'os.system' is not a Diffusers transformer model"),
+    Case("member_class other than the members'", _tampered_transformer(lambda c: c.update(
+         member_class="SD3Transformer2DModel")), ValueError,
+         "records class 'FluxTransformer2DModel'; expected one of \\('SD3Transformer2DModel', 'LoraMember'\\)"),
+    Case("transformer class that differs from its folder's", _tampered_transformer(lambda c: (c.update(
+         member_class="SD3Transformer2DModel"), _transformer_members(class_name="SD3Transformer2DModel")(c))),
+         ValueError, "is a 'FluxTransformer2DModel'; expected a SD3Transformer2DModel"),
+    Case("reference-only transformer member that is a UNet", _unet_as_transformer, ValueError,
+         "is a 'UNet2DConditionModel'; expected a FluxTransformer2DModel"),
+    Case("reference-only transformer member outside the folder's parent", _tampered_transformer(
+         _member(1, pretrained_model_name_or_path="/"), lambda env: env.tref), ValueError,
+         "outside .*allow_outside"),
+    Case("flow schedule with a DDPM key", _tampered_transformer(lambda c: c["noise_schedule"].update(
+         beta_start=0.1)), ValueError, r"noise_schedule has unknown keys \['beta_start'\]"),
+    Case("flow schedule with shift 0", _tampered_transformer(lambda c: c["noise_schedule"].update(shift=0)),
+         ValueError, "noise_schedule: .*shift must be a finite number > 0, got 0"),
+    Case("flow schedule with num_train_timesteps as a string", _tampered_transformer(lambda c: c["noise_schedule"]
+         .update(num_train_timesteps="1000")), ValueError, "num_train_timesteps must be int, got str '1000'"),
+    Case("text encoders in a FusedTransformer config", _tampered_transformer(lambda c: c.update(text_encoders=[])),
+         ValueError, r"unknown keys \['text_encoders'\]"),
+    Case("prediction_type in a FusedTransformer config", _tampered_transformer(lambda c: c.update(
+         prediction_type="epsilon")), ValueError, r"unknown keys \['prediction_type'\]"),
+    Case("a FusedTransformer folder loaded as a FusedUNet", _load(lambda env: env.tsaved), ValueError,
+         "is not a FusedUNet config \\(_class_name='FusedTransformer'\\); load it with FusedTransformer"),
+    Case("a FusedUNet folder loaded as a FusedTransformer", _load(lambda env: env.saved, FusedTransformer),
+         ValueError,
+         "is not a FusedTransformer config \\(_class_name='FusedUNet'\\); load it with FusedUNet.from_pretrained"),
+    Case("transformer member file missing a tensor", _missing_transformer_tensor, ValueError,
+         r"lacks tensors \['proj_out.weight'\]"),
+    Case("a transformer .bin that only full unpickling could read", lambda env: _pickle_with_code(
+         env, env.tsaved, FusedTransformer), OSError, "holds Python objects other than tensors"),
+    Case("transformer load with another variant than saved", _load(lambda env: env.tsaved, FusedTransformer,
+         variant="fp16"), ValueError, "was saved with variant None; got variant='fp16'"),
+    Case("unknown transformer load keyword", _load(lambda env: env.tsaved, FusedTransformer, weights_only=False),
+         TypeError, r"FusedTransformer.from_pretrained got unexpected keyword arguments \['weights_only'\]"),
+    Case("saving a member of a subclass of a Diffusers transformer", _subclass_member, TypeError,
+         "member 0 is a MyFlux; a FusedTransformer folder can only hold Diffusers transformer models"),
+    Case("transformer save over a stock transformer's folder", _save_into(_stock_transformer_folder,
+         lambda env, folder: env.tfused.save_pretrained(folder)), FileExistsError,
+         "is not from a FusedTransformer save"),
     # ---- fitting inputs
     Case("float tensor images in [0, 255]", _fit(torch.rand(2, 3, 32, 32) * 255), ValueError,
          r"values in \[.*\]; float images must be in \[0, 1\]"),
@@ -374,7 +473,7 @@ def test_allow_outside_paths_loads_what_it_refused(env):
 
 
 def test_accepted_image_forms_follow_the_image_processor_conventions(pristine):
-    _, _, pipe = pristine
+    _, _, pipe, _ = pristine
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
 
@@ -392,82 +491,3 @@ def test_accepted_image_forms_follow_the_image_processor_conventions(pristine):
     assert torch.equal(encode([grey], "a photo")[0], encode([grey.convert("RGB")], "a photo")[0])
     mixed = [PIL.Image.fromarray(pixels[0]), PIL.Image.fromarray(pixels[1]).resize((48, 24))]
     assert encode(mixed, "a photo", height=32, width=32)[0].shape == (2, 4, 16, 16)  # resized first
-
-
-# ---------------------------------------------------------------------------------------------------------- the CLI
-def _data(root, names=("a.png", "b.png"), metadata=None):
-    data = root / "data"
-    data.mkdir()
-    for name in names:
-        PIL.Image.new("RGB", (32, 32), (9, 9, 9)).save(data / name)
-        if metadata is None:
-            (data / name).with_suffix(".txt").write_text("a photo")
-    if metadata is not None:
-        (data / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in metadata) + "\n")
-    return data
-
-
-def _fit_argv(root, data, *extra, out="out"):
-    return ["fit", "--base", str(root / "no-base"), "--unet", str(root / "no-unet"), "--data", str(data),
-            "--out", str(root / out), "--no-progress", *extra]  # fmt: skip
-
-
-def _outside_name(root):
-    PIL.Image.new("RGB", (32, 32)).save(root / "outside.png")
-    return _fit_argv(root, _data(root, metadata=[{"file_name": "../outside.png", "text": "x"}]))
-
-
-def _absolute_name(root):
-    PIL.Image.new("RGB", (32, 32)).save(root / "outside.png")
-    return _fit_argv(root, _data(root, metadata=[{"file_name": str(root / "outside.png"), "text": "x"}]))
-
-
-def _linked_outside(root):
-    data = _data(root)
-    PIL.Image.new("RGB", (32, 32)).save(root / "secret.png")
-    os.symlink(root / "secret.png", data / "c.png")
-    (data / "c.txt").write_text("x")
-    return _fit_argv(root, data)
-
-
-def _bomb(root, monkeypatch):
-    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # a 32 x 32 image is then a decompression bomb
-    return _fit_argv(root, _data(root))
-
-
-def _foreign_out(root):
-    (root / "out").mkdir()
-    (root / "out" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return _fit_argv(root, _data(root))
-
-
-CLI_CASES = [
-    ("metadata naming ../outside.png", _outside_name, "'../outside.png' lies outside the data folder"),
-    ("metadata naming an absolute path", _absolute_name, "file_name must be a relative path inside the data folder"),
-    ("an image linked from outside the data folder", _linked_outside, "'c.png' lies outside the data folder"),
-    ("duplicate file_name rows", lambda root: _fit_argv(root, _data(root, names=("a.png",), metadata=[
-        {"file_name": "a.png", "text": "x"}, {"file_name": "a.png", "text": "y"}])), "'a.png' is listed twice"),
-    ("a decompression bomb", _bomb, "image 'a.png' is refused: Image size"),
-    ("an unreadable image", lambda root: (_data(root), (root / "data" / "a.png").write_bytes(b"not a png"),
-                                          _fit_argv(root, root / "data"))[2], "image 'a.png' could not be read"),
-    ("--device nonsense", lambda root: _fit_argv(root, _data(root), "--device", "nonsense"),
-     "--device 'nonsense' is not a torch device"),
-    ("--height not a multiple of 8", lambda root: _fit_argv(root, _data(root), "--height", "13"),
-     "--height must be a positive multiple of 8"),
-    ("--out holding another pipeline", _foreign_out, "is not from a ScoreFusion pipeline save"),
-    ("sample --num-inference-steps 0", lambda root: ["sample", "--fusion", str(root / "none"), "--prompt", "x",
-                                                     "--out", str(root / "out"), "--num-inference-steps", "0"],
-     "--num-inference-steps must be >= 1, got 0"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("name, make_argv, message", CLI_CASES, ids=[case[0] for case in CLI_CASES])
-def test_cli_refuses_with_status_2_a_sentence_and_no_writes(name, make_argv, message, tmp_path, capsys, monkeypatch):
-    from diffusers_scorefusion.cli import main
-
-    argv = make_argv(tmp_path, monkeypatch) if make_argv is _bomb else make_argv(tmp_path)
-    before = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
-    assert main(argv) == 2
-    error = capsys.readouterr().err
-    assert message in error and "Traceback" not in error
-    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before

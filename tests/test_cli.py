@@ -165,3 +165,24 @@ def test_fit_resizes_mixed_sizes_and_saves_beside_the_users_files(model_folders,
     assert (out / "precious.txt").read_text() == "mine"
     assert "model_index.json" in os.listdir(out) and not [name for name in os.listdir(out) if name.startswith(".")]
     assert ScoreFusionPipeline.from_pretrained(str(out)).unet.config.weights_provenance["num_samples"] == 2
+
+
+def test_an_sdxl_base_is_fitted_with_the_xl_pipeline(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_scorefusion import ScoreFusionXLPipeline
+    from diffusers_scorefusion.testing_utils import get_dummy_xl_components, get_dummy_xl_unet
+
+    StableDiffusionXLPipeline(**{**get_dummy_xl_components(), "unet": get_dummy_xl_unet(0)}).save_pretrained(
+        tmp_path / "base")
+    for seed in (1, 2):
+        get_dummy_xl_unet(seed).save_pretrained(tmp_path / f"member_{seed}")
+    write_images(tmp_path / "data", ["one.png", "two.png"])
+    for stem in ("one", "two"):
+        (tmp_path / "data" / f"{stem}.txt").write_text("a photo")
+    argv = ["fit", "--base", str(tmp_path / "base"), "--unet", str(tmp_path / "member_1"), "--unet",
+            str(tmp_path / "member_2"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "fusion"),
+            "--num-noise-draws", "1", "--num-bootstrap", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    loaded = ScoreFusionXLPipeline.from_pretrained(tmp_path / "fusion")
+    assert loaded.unet.config.weights_provenance["num_samples"] == 2

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion import FusedUNet, LoraMember, ScoreFusionXLPipeline
-from diffusers_scorefusion.models.modeling_lora_member import save_base_unet
+from diffusers_scorefusion.models.modeling_lora_member import save_base_model
 from diffusers_scorefusion.testing_utils import get_dummy_unet, get_dummy_xl_components, get_dummy_xl_unet
 
 peft = pytest.importorskip("peft")
@@ -135,7 +135,7 @@ def test_save_base_and_adapters_round_trip(loras, tmp_path):
     """How a LoRA fusion is saved: the base once (without adapters) plus one Diffusers LoRA folder per member."""
     base, _, sources = loras
     fused = FusedUNet.from_lora(copy.deepcopy(base), sources, weights=[0.2, 0.5, 0.3], adapter_names=["x", "y", "z"])
-    save_base_unet(fused.unets[0].base, tmp_path / "base", max_shard_size="200KB")  # sharded, as for SDXL
+    save_base_model(fused.unets[0].base, tmp_path / "base", max_shard_size="200KB")  # sharded, as for SDXL
     for i, member in enumerate(fused.unets):
         member.save_lora_weights(tmp_path / f"lora_{i}")
     loaded_base = UNet2DConditionModel.from_pretrained(tmp_path / "base")

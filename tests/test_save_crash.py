@@ -6,7 +6,8 @@ loads the folder, which completes an interrupted save, and checks every tensor a
 saves. Files of the user in the folder must survive every kill; the next complete save leaves no leftovers.
 
 The fast run kills a fusion save at every point and LoRA-fusion and pipeline saves at the key points (the protocol is
-one function); `-m slow` kills all three at every point and at 20-30 random delays each.
+one function), and FusedTransformer and Flux-pipeline saves at the key points; `-m slow` kills all of them at every
+point and at 20-30 random delays each.
 """
 
 import copy
@@ -18,7 +19,8 @@ import time
 import pytest
 import torch
 
-from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
+from diffusers_scorefusion import FusedTransformer, FusedUNet, ScoreFusionFluxPipeline, ScoreFusionPipeline
+from diffusers_scorefusion import testing_utils_transformers as parts
 from diffusers_scorefusion.loaders.atomic_save import JOURNAL_NAME, LEFTOVER_PREFIXES
 from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
 
@@ -227,6 +229,37 @@ def test_pipeline_survives_a_kill_at_any_point(tmp_path, thorough):
 
     saves = [lambda folder, p=p: p.save_pretrained(folder) for p in pipes]
     _crash_everywhere(tmp_path / "pipe", saves, ScoreFusionPipeline.from_pretrained, classify, seed=2,
+                      num_random=20 if thorough else 1, every=thorough)  # fmt: skip
+
+
+@pytest.mark.parametrize("thorough", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fused_transformer_survives_a_kill_at_any_point(tmp_path, thorough):
+    fused = FusedTransformer([parts.get_dummy_flux_transformer(0), parts.get_dummy_flux_transformer(1)],
+                             weights=[0.3, 0.7])  # fmt: skip
+    versions = [fused, _perturbed(fused, [0.6, 0.4])]
+    saves = [lambda folder, v=v: v.save_pretrained(folder) for v in versions]
+    _crash_everywhere(tmp_path / "fusion", saves, FusedTransformer.from_pretrained, _fusion_classifier(versions),
+                      seed=3, num_random=30 if thorough else 1, every=thorough)  # fmt: skip
+
+
+@pytest.mark.parametrize("thorough", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_flux_pipeline_survives_a_kill_at_any_point(tmp_path, thorough):
+    pipes = []
+    for seed, weights in ((0, [0.3, 0.7]), (5, [0.8, 0.2])):
+        components = parts.get_dummy_flux_components(seed)
+        members = [components["transformer"], parts.get_dummy_flux_transformer(seed + 1)]
+        fused = FusedTransformer(members, weights=weights)
+        pipes.append(ScoreFusionFluxPipeline(**{**components, "transformer": fused}))
+    vaes = [_state_dict(pipe.vae) for pipe in pipes]
+    classify_transformer = _fusion_classifier([pipe.transformer for pipe in pipes])
+
+    def classify(loaded):
+        state = classify_transformer(loaded.transformer)
+        assert all(torch.equal(a, b) for a, b in zip(_state_dict(loaded.vae).values(), vaes[state].values()))
+        return state
+
+    saves = [lambda folder, p=p: p.save_pretrained(folder) for p in pipes]
+    _crash_everywhere(tmp_path / "pipe", saves, ScoreFusionFluxPipeline.from_pretrained, classify, seed=4,
                       num_random=20 if thorough else 1, every=thorough)  # fmt: skip
 
 

@@ -1,5 +1,8 @@
 """The schema of a fusion folder's `config.json`, in one place: saving checks what it writes with it, loading checks
-every key of every entry with it before anything is loaded.
+every key of every entry with it before anything is loaded. One schema for both fusion classes: `FusedUNet` configs
+(`_class_name` "FusedUNet") and `FusedTransformer` configs ("FusedTransformer") share the weights, members and LoRA
+bases; a `FusedUNet` adds prediction types, a DDPM noise schedule and member text encoders, a `FusedTransformer` its
+`member_class` and a flow-matching schedule.
 
 Only JSON values are read; the class names a config may record are the classes this package instantiates.
 """
@@ -8,16 +11,25 @@ import os
 import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import diffusers
+from diffusers.models.modeling_utils import ModelMixin
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..fusion.fusion_utils import PREDICTION_TYPES, check_bin_edges, check_weights
-from ..fusion.member_utils import INTERFACE_KEYS, NOISE_SCHEDULE_KEYS, check_noise_schedule, noise_schedule_of
+from ..fusion.member_utils import (
+    INTERFACE_KEYS,
+    NOISE_SCHEDULE_KEYS,
+    check_noise_schedule,
+    flow_schedule_of,
+    noise_schedule_of,
+)
 from .atomic_save import is_entry_name
 
 CONFIG_NAME = "config.json"
-CLASS_NAME = "FusedUNet"
+FUSED_UNET, FUSED_TRANSFORMER = "FusedUNet", "FusedTransformer"
+CLASS_NAMES = (FUSED_UNET, FUSED_TRANSFORMER)
 NONE = type(None)
-# Top-level keys of a fusion config besides the members' interface and shared config, which it mirrors.
+# Top-level keys of a FusedUNet config besides the members' interface and shared config, which it mirrors.
 FUSION_KEYS: Dict[str, Tuple[type, ...]] = {
     "num_members": (int,),
     "weights": (list,),
@@ -31,6 +43,18 @@ FUSION_KEYS: Dict[str, Tuple[type, ...]] = {
     "text_encoders": (list,),
     "lora_bases": (list,),
 }
+# Top-level keys of a FusedTransformer config besides the members' config, which it mirrors.
+TRANSFORMER_FUSION_KEYS: Dict[str, Tuple[type, ...]] = {
+    "num_members": (int,),
+    "weights": (list,),
+    "timestep_bin_edges": (list, NONE),
+    "member_class": (str,),
+    "noise_schedule": (dict, NONE),
+    "weights_provenance": (dict, NONE),
+    "members": (list,),
+    "lora_bases": (list,),
+}
+FLOW_SCHEDULE_KEYS = ("num_train_timesteps", "shift")
 PRIVATE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 SOURCE_KEYS = ("pretrained_model_name_or_path", "subfolder", "revision", "variant")
 MEMBER_KEYS: Dict[str, Tuple[type, ...]] = {
@@ -42,11 +66,30 @@ LORA_KEYS: Dict[str, Tuple[type, ...]] = {"base": (int,), "adapter_name": (str,)
 TEXT_ENCODER_KEYS: Dict[str, Tuple[type, ...]] = {"class_name": (str,), "subfolder": (str,), "member": (int,),
                                                    "variant": (str, NONE), "sha256": (dict,)}  # fmt: skip
 LORA_BASE_KEYS: Dict[str, Tuple[type, ...]] = {"subfolder": (str,), "variant": (str, NONE), "sha256": (dict,)}
-# The member classes a fusion can save and load (nothing else is ever instantiated from a config).
+# The member classes a FusedUNet can save and load (nothing else is ever instantiated from a config); a
+# FusedTransformer's are Diffusers' transformer models (`transformer_member_class`).
 MEMBER_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 SAVED_MEMBER_CLASSES = MEMBER_CLASSES + ("LoraMember",)
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+TRANSFORMER_MODULE_PREFIX = "diffusers.models.transformers."
 SHA256 = re.compile(r"[0-9a-f]{64}")
+CLASS_IDENTIFIER = re.compile(r"[A-Z][A-Za-z0-9]*")
+
+
+def transformer_member_class(name: Any) -> Optional[type]:
+    """The Diffusers transformer model class called `name` (`FluxTransformer2DModel`, `SD3Transformer2DModel`, ...), or
+    `None` when `name` is not one: a `ModelMixin` that `diffusers` exports under that name from its
+    `diffusers.models.transformers` package. These are the classes a `FusedTransformer` config may record."""
+    if not isinstance(name, str) or not CLASS_IDENTIFIER.fullmatch(name):
+        return None
+    try:
+        model_class = getattr(diffusers, name)
+    except (AttributeError, ImportError, RuntimeError):  # not a Diffusers name, or one whose extras are missing
+        return None
+    is_transformer = isinstance(model_class, type) and issubclass(model_class, ModelMixin)
+    if not is_transformer or not model_class.__module__.startswith(TRANSFORMER_MODULE_PREFIX):
+        return None
+    return model_class if model_class.__name__ == name else None
 
 
 def _type_names(types: Tuple[type, ...]) -> str:
@@ -119,12 +162,13 @@ def check_digests(digests: Dict[str, Any], where: str) -> None:
 
 
 def _check_members(config: Dict[str, Any], where: str, folder: Optional[str], allow_outside_paths: bool,
-                   check_paths: bool) -> None:  # fmt: skip
+                   check_paths: bool, member_classes: Sequence[str]) -> None:  # fmt: skip
+    allowed = tuple(member_classes) + ("LoraMember",)
     for i, member in enumerate(config["members"]):
         entry = f"{where}: members[{i}]"
         check_entry(member, MEMBER_KEYS, entry, MEMBER_REQUIRED)
-        if member["class_name"] not in SAVED_MEMBER_CLASSES:
-            raise ValueError(f"{entry} records class {member['class_name']!r}; expected one of {SAVED_MEMBER_CLASSES}")
+        if member["class_name"] not in allowed:
+            raise ValueError(f"{entry} records class {member['class_name']!r}; expected one of {allowed}")
         check_digests(member.get("sha256", {}), entry)
         source = member["pretrained_model_name_or_path"]
         check_subfolder(member["subfolder"], entry, single=source is None)
@@ -174,12 +218,50 @@ def _check_text_encoders(config: Dict[str, Any], where: str) -> None:
         )
 
 
+def _check_unet_keys(config: Dict[str, Any], where: str) -> Tuple[str, ...]:
+    """The keys only a FusedUNet config has; returns its member classes."""
+    named_types = [("prediction_type", config["prediction_type"])]
+    named_types += [(f"member_prediction_types[{i}]", kind) for i, kind in enumerate(config["member_prediction_types"])]
+    for key, value in named_types:
+        if not isinstance(value, str) or value not in PREDICTION_TYPES:
+            raise ValueError(f"{where}: {key} must be one of {PREDICTION_TYPES}, got {value!r}")
+    if config["noise_schedule"] is not None:
+        schedule = config["noise_schedule"]
+        check_entry(schedule, {key: (object,) for key in NOISE_SCHEDULE_KEYS}, f"{where}: noise_schedule",
+                    NOISE_SCHEDULE_KEYS)  # fmt: skip
+        check_noise_schedule(noise_schedule_of(schedule), f"{where}: noise_schedule")
+    return MEMBER_CLASSES
+
+
+def flow_schedule_config(schedule: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved flow schedule as the scheduler config that `FusedTransformer(member_schedulers=...)` reads it from."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule}
+
+
+def _check_transformer_keys(config: Dict[str, Any], where: str) -> Tuple[str, ...]:
+    """The keys only a FusedTransformer config has; returns its member classes (its `member_class`)."""
+    if transformer_member_class(config["member_class"]) is None:
+        raise ValueError(
+            f"{where}: member_class {config['member_class']!r} is not a Diffusers transformer model (a class of "
+            "diffusers.models.transformers, e.g. 'FluxTransformer2DModel')"
+        )
+    if config["noise_schedule"] is not None:
+        schedule, name = config["noise_schedule"], f"{where}: noise_schedule"
+        check_entry(schedule, {"num_train_timesteps": (int,), "shift": (float, int)}, name, FLOW_SCHEDULE_KEYS)
+        try:
+            flow_schedule_of(flow_schedule_config(schedule))
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
+    return (config["member_class"],)
+
+
 def check_fusion_config(
     config: Any,
     where: str,
     folder: Optional[str] = None,
     allow_outside_paths: bool = False,
     check_paths: bool = True,
+    class_name: Optional[str] = None,
 ) -> None:
     r"""
     Validates a fusion config (every key of every entry) and raises a `ValueError` that names the key.
@@ -191,19 +273,25 @@ def check_fusion_config(
             name Hub repo ids).
         allow_outside_paths (`bool`): let reference-only members name local paths outside the folder's parent.
         check_paths (`bool`): `False` when saving (the paths are the caller's own).
+        class_name (`str`, *optional*): the fusion class expected (`"FusedUNet"` or `"FusedTransformer"`); either
+            when `None`.
     """
     if not isinstance(config, dict):
         raise ValueError(f"{where} must be a JSON object, got a JSON {type(config).__name__}")
-    if config.get("_class_name") != CLASS_NAME:
-        raise ValueError(f"{where} is not a FusedUNet config (_class_name={config.get('_class_name')!r})")
-    for key, types in FUSION_KEYS.items():
+    found = config.get("_class_name")
+    expected = (class_name,) if class_name is not None else CLASS_NAMES
+    if found not in expected:
+        hint = f"; load it with {found}.from_pretrained" if found in CLASS_NAMES else ""
+        raise ValueError(f"{where} is not a {' or '.join(expected)} config (_class_name={found!r}){hint}")
+    keys = FUSION_KEYS if found == FUSED_UNET else TRANSFORMER_FUSION_KEYS
+    for key, types in keys.items():
         if key not in config:
             raise ValueError(f"{where} is missing the key {key!r}")
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, types):
             raise ValueError(f"{where}: {key} must be {_type_names(types)}, got {type(value).__name__} {value!r:.100}")
     members = config["members"]
-    allowed = set(FUSION_KEYS) | set(INTERFACE_KEYS) | set(PRIVATE_KEYS)
+    allowed = set(keys) | set(PRIVATE_KEYS) | (set(INTERFACE_KEYS) if found == FUSED_UNET else set())
     if members and isinstance(members[0], dict) and isinstance(members[0].get("config"), dict):
         allowed |= set(members[0]["config"])  # the members' shared config, mirrored (recomputed on load)
     unknown = sorted(set(config) - allowed)
@@ -212,26 +300,18 @@ def check_fusion_config(
     num_members = config["num_members"]
     if num_members < 1:
         raise ValueError(f"{where}: num_members must be >= 1, got {num_members}")
-    for key in ("members", "member_prediction_types"):
+    for key in ("members", "member_prediction_types") if found == FUSED_UNET else ("members",):
         if len(config[key]) != num_members:
             raise ValueError(f"{where}: {key} has {len(config[key])} entries but num_members is {num_members}")
-    named_types = [("prediction_type", config["prediction_type"])]
-    named_types += [(f"member_prediction_types[{i}]", kind) for i, kind in enumerate(config["member_prediction_types"])]
-    for key, value in named_types:
-        if not isinstance(value, str) or value not in PREDICTION_TYPES:
-            raise ValueError(f"{where}: {key} must be one of {PREDICTION_TYPES}, got {value!r}")
+    member_classes = (_check_unet_keys if found == FUSED_UNET else _check_transformer_keys)(config, where)
     table = check_weights(config["weights"], num_members)
     if config["timestep_bin_edges"] is not None:
         check_bin_edges(config["timestep_bin_edges"], table.shape[0])
     elif table.shape[0] > 1:
         raise ValueError(f"{where}: weights with {table.shape[0]} rows need timestep_bin_edges")
-    if config["noise_schedule"] is not None:
-        schedule = config["noise_schedule"]
-        check_entry(schedule, {key: (object,) for key in NOISE_SCHEDULE_KEYS}, f"{where}: noise_schedule",
-                    NOISE_SCHEDULE_KEYS)  # fmt: skip
-        check_noise_schedule(noise_schedule_of(schedule), f"{where}: noise_schedule")
-    _check_members(config, where, folder, allow_outside_paths, check_paths)
-    _check_text_encoders(config, where)
+    _check_members(config, where, folder, allow_outside_paths, check_paths, member_classes)
+    if found == FUSED_UNET:
+        _check_text_encoders(config, where)
     for b, base in enumerate(config["lora_bases"]):
         check_entry(base, LORA_BASE_KEYS, f"{where}: lora_bases[{b}]", ("subfolder",))
         check_subfolder(base["subfolder"], f"{where}: lora_bases[{b}]", single=True)
@@ -239,11 +319,13 @@ def check_fusion_config(
 
 
 def saved_entries(config: Dict[str, Any]) -> Optional[list]:
-    """The folder entries a self-contained save wrote (`SaveKind.entries_of`), or `None` if not a fusion config."""
-    if config.get("_class_name") != CLASS_NAME:
+    """The folder entries a self-contained save wrote (`SaveKind.entries_of`), or `None` if not a fusion config (of
+    either class: a fusion folder may hold either)."""
+    if config.get("_class_name") not in CLASS_NAMES:
         return None
     names = []
-    for key in ("members", "text_encoders", "lora_bases"):
+    unet = config["_class_name"] == FUSED_UNET
+    for key in ("members", "text_encoders", "lora_bases") if unet else ("members", "lora_bases"):
         entries = config.get(key)
         if not isinstance(entries, list):
             return None

@@ -5,6 +5,7 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .atomic_save import SaveKind, atomic_save, check_save_target, reading, recover_legacy
+from .fusion_config import CLASS_NAMES
 from .integrity import needs_unpickling, unpickling_refused
 
 MODEL_INDEX = "model_index.json"
@@ -13,10 +14,11 @@ MODEL_INDEX = "model_index.json"
 def pipeline_entries(index: Dict[str, Any]) -> Optional[List[str]]:
     """The component folders of a fusion pipeline's `model_index.json` (`SaveKind.entries_of`); `None` for others.
 
-    A fusion pipeline is one of this package's pipeline classes, or any pipeline whose `unet` is a `FusedUNet`.
+    A fusion pipeline is one of this package's pipeline classes, or any pipeline with a `FusedUNet` or
+    `FusedTransformer` component.
     """
-    unet = index.get("unet")
-    fused = isinstance(unet, list) and len(unet) == 2 and unet[1] == "FusedUNet"
+    fused = any(isinstance(value, list) and len(value) == 2 and value[1] in CLASS_NAMES
+                for name, value in index.items() if not name.startswith("_"))  # fmt: skip
     if not fused and not str(index.get("_class_name", "")).startswith("ScoreFusion"):
         return None
     components = [(name, value) for name, value in index.items() if not name.startswith("_")]

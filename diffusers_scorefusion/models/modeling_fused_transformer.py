@@ -26,6 +26,7 @@ from ..fusion.member_utils import (
 )
 from ..fusion.modeling_fusion import FusedModelMixin, MemberHelperMissing, member_method, replace_first_field
 from ..fusion.offload_utils import call_on_member_device
+from ..loaders.fusion_mixin import FusionSaveLoadMixin
 
 # Names under which transformers take the noise level (`t`: Z-Image).
 TIMESTEP_ARGUMENTS = ("timestep", "timesteps", "t")
@@ -76,7 +77,7 @@ def check_scheduler_matches_transformer(transformer: Any, scheduler: Any) -> Non
         )
 
 
-class FusedTransformer(FusedModelMixin):
+class FusedTransformer(FusionSaveLoadMixin, FusedModelMixin):
     r"""
     Several Diffusers transformers of one class and config, combined into the KL-barycenter denoiser of ScoreFusion.
 
@@ -85,7 +86,9 @@ class FusedTransformer(FusedModelMixin):
     score ``sum_i lambda_i score_i`` (see `fusion/flow_matching_utils.py`); for noise-predicting members (PixArt) it is
     the fused noise prediction. It is a drop-in `transformer` for the members' Diffusers pipelines: it takes the
     members' `forward` arguments (all of them reach every member, as given), returns their output class, and mirrors
-    their config (`config.in_channels`, `config.guidance_embeds`, `config.patch_size`, ...).
+    their config (`config.in_channels`, `config.guidance_embeds`, `config.patch_size`, ...). It saves and loads as
+    [`FusedUNet`] does (`save_pretrained`, `from_pretrained`, `push_to_hub`: self-contained or reference-only, LoRA
+    fusions as one base plus one LoRA folder per member), and as the `transformer` of a saved pipeline.
 
     Args:
         transformers (`list[torch.nn.Module]`):

@@ -158,19 +158,20 @@ class LoraMember(nn.Module):
 
 
 def base_state_dict(base: nn.Module) -> Dict[str, torch.Tensor]:
-    """The base UNet's own weights under its plain Diffusers names: adapter weights dropped, `base_layer.` removed."""
+    """The base model's own weights under its plain Diffusers names: adapter weights dropped, `base_layer.` removed."""
     return {key.replace(".base_layer.", "."): value for key, value in base.state_dict().items() if ".lora_" not in key}
 
 
-def save_base_unet(
+def save_base_model(
     base: nn.Module,
     save_directory: Union[str, os.PathLike],
     max_shard_size: Union[int, str] = "10GB",
     safe_serialization: bool = True,
     variant: Optional[str] = None,
 ) -> None:
-    """Writes the shared base UNet without its adapters as a standard Diffusers UNet folder (file names, shards and
-    variant as `ModelMixin.save_pretrained` writes them); `UNet2DConditionModel.from_pretrained` loads it."""
+    """Writes the shared base model (a UNet or a transformer) without its adapters as a standard Diffusers model folder
+    (file names, shards and variant as `ModelMixin.save_pretrained` writes them); its class's `from_pretrained` (e.g.
+    `UNet2DConditionModel.from_pretrained`) loads it."""
     from huggingface_hub import save_torch_state_dict
 
     os.makedirs(save_directory, exist_ok=True)

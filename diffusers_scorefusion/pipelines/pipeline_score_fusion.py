@@ -112,7 +112,7 @@ def fusion_loading_kwargs(
         key: kwargs[key] for key in ("torch_dtype", "cache_dir", "token", "local_files_only") if key in kwargs
     }
     if isinstance(member_kwargs.get("torch_dtype"), dict):  # Diffusers' per-component dtypes
-        member_kwargs["torch_dtype"] = kwargs["torch_dtype"].get("unet", kwargs["torch_dtype"].get("default"))
+        member_kwargs["torch_dtype"] = kwargs["torch_dtype"].get(component, kwargs["torch_dtype"].get("default"))
     base_scheduler = None
     if "scheduler" not in kwargs:
         base_scheduler = dict(

@@ -3,90 +3,14 @@
 
 import functools
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
-from diffusers import DDPMScheduler
 from torch import nn
 
 from ..fusion.fusion_utils import WeightsLike
-from ..loaders.loading_utils import MemberSpec, member_source, resolve_use_safetensors
+from ..loaders.loading_utils import MemberSpec, load_transformer_member, member_source
 from ..models.modeling_fused_transformer import FusedTransformer, check_scheduler_matches_transformer
 from .pipeline_score_fusion import ScoreFusionPipelineMixin, fusion_loading_kwargs
-
-MEMBER_SPEC_KEYS = ("pretrained_model_name_or_path", "subfolder", "revision", "variant")
-
-
-def _transformer_location(source: str, subfolder: Optional[str], transformer_class: type, hub_kwargs) -> Optional[str]:
-    """The subfolder that holds the transformer: given, `transformer` for pipeline folders or repos, else the root."""
-    if subfolder is not None:
-        return subfolder or None
-    if os.path.isdir(source):
-        return "transformer" if os.path.isfile(os.path.join(source, "transformer", "config.json")) else None
-    try:  # a Hub repo: a full pipeline has transformer/config.json
-        transformer_class.load_config(source, subfolder="transformer", **hub_kwargs)
-        return "transformer"
-    except EnvironmentError:
-        return None
-
-
-def load_transformer_member(
-    member: MemberSpec, transformer_class: type, allow_pickle: Optional[bool] = None, **load_kwargs: Any
-) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
-    """Loads one member transformer and, when it comes from a pipeline folder or repo, its scheduler config.
-
-    `member` is a module (used as is), a local path or Hub repo id (a transformer folder, or a pipeline whose
-    `transformer/` is used), or a dict with `pretrained_model_name_or_path` and optional `subfolder`, `revision`,
-    `variant`. Its config must name `transformer_class`. Weights load as Diffusers loads them (safetensors, or `.bin`
-    through `weights_only=True`); `allow_pickle=False` reads safetensors only.
-    """
-    if isinstance(member, nn.Module):
-        return member, None
-    spec = {"pretrained_model_name_or_path": os.fspath(member)} if isinstance(member, (str, os.PathLike)) else member
-    if not isinstance(spec, dict) or "pretrained_model_name_or_path" not in spec:
-        raise TypeError(
-            "a member must be a module, a path or repo id, or a dict with pretrained_model_name_or_path; got "
-            f"{member!r}"
-        )
-    unknown = sorted(set(spec) - set(MEMBER_SPEC_KEYS))
-    if unknown:
-        raise ValueError(f"unknown keys in member spec {spec!r}: {unknown}")
-    source = os.fspath(spec["pretrained_model_name_or_path"])
-    hub_kwargs = {key: load_kwargs[key] for key in ("cache_dir", "token", "local_files_only") if key in load_kwargs}
-    if spec.get("revision") is not None:
-        hub_kwargs["revision"] = spec["revision"]
-    if os.path.isfile(source):
-        raise ValueError(
-            f"member path {source!r} is a file; expected a transformer folder, a pipeline or a Hub repo id"
-        )
-    subfolder = _transformer_location(source, spec.get("subfolder"), transformer_class, hub_kwargs)
-    try:
-        config = transformer_class.load_config(source, subfolder=subfolder, **hub_kwargs)
-    except EnvironmentError as error:
-        raise ValueError(
-            f"could not find a transformer config for member {source!r} (subfolder={subfolder!r}): {error}"
-        ) from error
-    class_name = config.get("_class_name")
-    if class_name != transformer_class.__name__:
-        raise ValueError(f"member {source!r} is a {class_name!r}; expected a {transformer_class.__name__}")
-    model_kwargs = {key: value for key, value in load_kwargs.items() if key not in hub_kwargs}
-    model_kwargs["use_safetensors"] = resolve_use_safetensors(allow_pickle, model_kwargs.get("use_safetensors"))
-    try:
-        model = transformer_class.from_pretrained(
-            source, subfolder=subfolder, variant=spec.get("variant"), **hub_kwargs, **model_kwargs
-        )
-    except EnvironmentError as error:
-        hint = " (only safetensors weights are read with allow_pickle=False)" if allow_pickle is False else ""
-        raise ValueError(
-            f"could not load the transformer of {source!r} (subfolder={subfolder!r}){hint}: {error}"
-        ) from error
-    scheduler = None
-    if subfolder is not None:
-        scheduler_subfolder = os.path.join(os.path.dirname(subfolder.rstrip("/")), "scheduler").lstrip("/")
-        try:
-            scheduler = dict(DDPMScheduler.load_config(source, subfolder=scheduler_subfolder, **hub_kwargs))
-        except EnvironmentError:
-            scheduler = None
-    return model, scheduler
 
 
 def build_fused_transformer(
