@@ -195,6 +195,34 @@ def _table(config: Any) -> List[str]:
     return lines
 
 
+def _suite_table(config: Any) -> List[str]:
+    """One row per upstream test file: how many of its tests pass on the stock pipeline and on each fusion."""
+    rows: Dict[str, Dict[str, int]] = {}
+    for key, by_variant in config._upstream_results.items():
+        stock = by_variant.get("stock") or config._upstream_baseline.get(key)
+        row = rows.setdefault(key.split("::", 1)[0], {})
+        row["stock passed"] = row.get("stock passed", 0) + (stock == "passed")
+        for variant in FUSION_VARIANTS:
+            outcome = by_variant.get(variant)
+            if outcome is None or stock != "passed":
+                continue
+            short = _short(outcome)
+            row[f"{variant} run"] = row.get(f"{variant} run", 0) + 1
+            row[f"{variant} {short}"] = row.get(f"{variant} {short}", 0) + 1
+    lines = ["| upstream suite | stock passed | fusion, 1 member: passed / listed exception / failed | "
+             "fusion, 2 members one-hot: run / passed / listed exception / failed |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for suite in sorted(rows):
+        row = rows[suite]
+        cells = [str(row["stock passed"])]
+        for variant in FUSION_VARIANTS:
+            run, passed, excepted = (row.get(f"{variant} {name}", 0) for name in ("run", "passed", "exception"))
+            counts = [passed, excepted, run - passed - excepted]
+            cells.append(" / ".join(map(str, counts if variant == "fusion1" else [run] + counts)))
+        lines.append(f"| `{suite}` | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _counts(config: Any) -> Dict[str, Dict[str, int]]:
     counts: Dict[str, Dict[str, int]] = {}
     for key, by_variant in config._upstream_results.items():
@@ -226,6 +254,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
         passed = sum(outcome == "passed" for outcome in outcomes.values())
         terminalreporter.write_line(f"{variant}: output equals the stock pipeline's bit for bit in {passed} of "
                                     f"{len(outcomes)} suites")  # fmt: skip
+    for line in _suite_table(config):
+        terminalreporter.write_line(line)
     if config.getoption("verbose") > 0:
         for line in _table(config):
             terminalreporter.write_line(line)
@@ -243,7 +273,7 @@ def _write_report(config: Any, path: str, counts: Dict[str, Dict[str, int]]) -> 
     header += [f"| {variant} | " + " | ".join(str(bucket.get(name, "-")) for name in columns) + " |"
                for variant, bucket in counts.items()]  # fmt: skip
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(header + [""] + _table(config)) + "\n")
+        handle.write("\n".join(header + [""] + _suite_table(config) + [""] + _table(config)) + "\n")
 
 
 def _write_baseline(config: Any) -> None:
