@@ -8,11 +8,11 @@ from .fusion.fusion_utils import check_weights, combine_predictions, convert_pre
 from .models.modeling_fused_transformer import FusedTransformer
 from .models.modeling_fused_unet import FusedUNet
 from .models.modeling_lora_member import LoraMember
+from .pipelines.corrector import LangevinCorrector, langevin_correct
 from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 from .pipelines.pipeline_score_fusion_flux import ScoreFusionFluxPipeline
 from .pipelines.pipeline_score_fusion_sd3 import ScoreFusionSD3Pipeline
 from .pipelines.pipeline_score_fusion_xl import ScoreFusionXLPipeline
-from .pipelines.corrector import LangevinCorrector, langevin_correct
 
 __version__ = "0.1.0"
 

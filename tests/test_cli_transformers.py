@@ -7,12 +7,11 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from test_cli import write_images  # noqa: E402
 
 from diffusers_scorefusion import FusedTransformer, ScoreFusionFluxPipeline, ScoreFusionSD3Pipeline
 from diffusers_scorefusion import testing_utils_transformers as parts
 from diffusers_scorefusion.cli import main, read_image_folder
-
-from test_cli import write_images  # noqa: E402
 
 FAMILIES = {
     "sd3": (StableDiffusion3Pipeline, ScoreFusionSD3Pipeline, parts.get_dummy_sd3_components,

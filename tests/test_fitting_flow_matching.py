@@ -3,12 +3,11 @@ scheduler gives the barycenter, and `fit_weights` on barycenter samples recovers
 
 import pytest
 import torch
+from _gaussian_flow_members import STD, barycenter_samples, gaussian_flow_fusion, member_means
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffusers_scorefusion import FusedTransformer, fit_weights
-
-from _gaussian_flow_members import STD, barycenter_samples, gaussian_flow_fusion, member_means
 
 TRUE_WEIGHTS = [0.2, 0.5, 0.3]
 

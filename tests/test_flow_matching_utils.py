@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _gaussian_flow_members import gaussian_score, gaussian_velocity
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -16,8 +17,6 @@ from diffusers_scorefusion.fusion.flow_matching_utils import (
     unshift_sigmas,
     velocity_from_score,
 )
-
-from _gaussian_flow_members import gaussian_score, gaussian_velocity
 
 
 def _ks_statistic(samples: torch.Tensor, cdf) -> float:

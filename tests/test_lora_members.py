@@ -5,18 +5,17 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
+
 from diffusers_scorefusion import FusedUNet, LoraMember, ScoreFusionXLPipeline
+from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion.models.modeling_lora_member import save_base_model
 from diffusers_scorefusion.testing_utils import get_dummy_unet, get_dummy_xl_components, get_dummy_xl_unet
 
 peft = pytest.importorskip("peft")
+from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
-
-from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
 

@@ -17,7 +17,6 @@ from diffusers_scorefusion.testing_utils_transformers import (
 peft = pytest.importorskip("peft")
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from test_lora_members import merged, random_lora_unet  # noqa: E402  (generic: copy, random adapter; fuse)
-
 from test_modeling_fused_transformer import flux_inputs  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_out", "proj_mlp"]

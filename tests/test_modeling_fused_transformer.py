@@ -5,21 +5,20 @@ import copy
 
 import pytest
 import torch
+from _gaussian_flow_members import GaussianVelocityTransformer, member_means
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion import FusedTransformer
+from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion.fusion.offload_utils import places_own_inputs
 from diffusers_scorefusion.testing_utils_transformers import (
     get_dummy_flux_transformer,
     get_dummy_pixart_transformer,
     get_dummy_sd3_transformer,
 )
-
-from _gaussian_flow_members import GaussianVelocityTransformer, member_means
 
 BATCH = 2
 

@@ -11,8 +11,8 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion import FusedUNet
+from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion.testing_utils import get_dummy_scheduler, get_dummy_unet, get_dummy_xl_unet
 
 BATCH = 2

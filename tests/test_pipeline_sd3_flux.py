@@ -1,6 +1,7 @@
 """`ScoreFusionSD3Pipeline` and `ScoreFusionFluxPipeline`: drop-in sampling, per-call weights, checks, loading members
 from folders, registration, and fitting through the pipelines' own encoding."""
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,6 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
-import diffusers
 from diffusers_scorefusion import FusedTransformer, ScoreFusionFluxPipeline, ScoreFusionSD3Pipeline, fit_weights
 from diffusers_scorefusion import testing_utils_transformers as parts
 

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from test_modeling_fused_transformer import flux_inputs  # noqa: E402
 
 from diffusers_scorefusion import (
     FusedTransformer,
@@ -23,8 +24,6 @@ from diffusers_scorefusion import (
     ScoreFusionSD3Pipeline,
 )
 from diffusers_scorefusion import testing_utils_transformers as parts
-
-from test_modeling_fused_transformer import flux_inputs  # noqa: E402
 
 CALL = dict(prompt="a cat", height=8, width=8, max_sequence_length=16, num_inference_steps=2, output_type="pt")
 FAMILIES = {

@@ -16,8 +16,8 @@ from torch import nn
 
 from .fusion_utils import WeightsLike, check_bin_edges, check_weights, combine_predictions, timestep_bins
 from .member_utils import copy_containers, distinct_models
-from .peft_utils import FusedPeftMixin
 from .offload_utils import enable_group_offload_per_member, run_on_member_device
+from .peft_utils import FusedPeftMixin
 
 
 class MemberHelperMissing(AttributeError):

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from diffusers.loaders.lora_base import _fetch_state_dict
 from diffusers.loaders.peft import PeftAdapterMixin
+
 from .member_utils import distinct_models
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder",

@@ -27,6 +27,7 @@ from ..fusion.modeling_fusion import FusedModelMixin, replace_first_field
 from ..loaders.fusion_mixin import FusionSaveLoadMixin
 from .unet_helpers import FusedUNetHelpersMixin
 
+
 def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
     """Refuses a scheduler whose prediction type or noise schedule differs from the FusedUNet's."""
     if not isinstance(unet, FusedUNet) or scheduler is None:

@@ -11,14 +11,12 @@ import os
 import platform
 from typing import Any, Dict, List, Optional
 
-import pytest
-
 import diffusers
+import pytest
 import torch
-
 from exceptions import exception_reason  # this folder is on sys.path, as for every test module here
 from hub_stand_ins import write_stand_ins
-from upstream import FUSION_VARIANTS, VARIANTS, import_upstream, upstream_commit, upstream_root
+from upstream import FUSION_VARIANTS, VARIANTS, upstream_commit, upstream_root
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = os.path.join(HERE, "baseline", f"diffusers-{diffusers.__version__}.json")

@@ -17,8 +17,8 @@ and, for pipelines with a ScoreFusion class, the pipeline class replaced by it. 
 import copy
 import functools
 import importlib
-import inspect
 import importlib.util
+import inspect
 import os
 import sys
 from types import ModuleType
