@@ -1,10 +1,12 @@
-"""Peak GPU memory and step time of a FusedUNet of k SDXL-sized UNets: all on the GPU, model CPU offload, group offload.
+"""Peak GPU memory and step time of a FusedUNet of k SDXL-sized UNets: all on the GPU, model / sequential CPU offload,
+group offload.
 
 Members are built from the SDXL base UNet config with random weights (nothing is downloaded) in float16. Each mode
 gets a fresh fusion (same seeds, same weights) and runs `--steps` timed forwards of one denoising step: batch 2 (as with
 classifier-free guidance), 1024 x 1024 images (128 x 128 latents), 77 text tokens. Every mode's output is compared with
 the all-on-GPU output. A last check puts member 0 on the GPU and member 1 on the CPU (tiny float32 members) and
-compares with both on the GPU: FusedUNet moves inputs to each member's device and outputs back.
+compares with both on the GPU: FusedUNet moves inputs to each member's device and outputs back. A mode that raises is
+recorded with its error and the others still run.
 
 Usage (CUDA machine; a few minutes on one H100 with k = 2, estimated: not yet run on a GPU):
     python benchmarks/gpu_offload_check.py [--num-members 2] [--steps 3]
@@ -23,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import diffusers
 import torch
-from accelerate import cpu_offload_with_hook
+from accelerate import cpu_offload, cpu_offload_with_hook
 from diffusers import UNet2DConditionModel
 
 from diffusers_scorefusion import FusedUNet
@@ -112,6 +114,10 @@ def run_modes(config: Dict[str, Any], num_members: int, steps: int, device: torc
         fused.to(offload)
         cpu_offload_with_hook(fused, execution_device=device)
 
+    def sequential_cpu_offload(fused: FusedUNet) -> None:  # what pipe.enable_sequential_cpu_offload() does to the unet
+        fused.to(offload)
+        cpu_offload(fused, device, offload_buffers=len(fused._parameters) > 0)
+
     def group_offload_per_member(fused: FusedUNet) -> None:  # FusedUNet applies it to each member's blocks
         fused.to(offload)
         fused.enable_group_offload(device, offload_device=offload, offload_type="block_level", num_blocks_per_group=1,
@@ -123,6 +129,7 @@ def run_modes(config: Dict[str, Any], num_members: int, steps: int, device: torc
 
     modes: Dict[str, Callable[[FusedUNet], None]] = {
         "all_on_device": all_on_device, "model_cpu_offload": model_cpu_offload,
+        "sequential_cpu_offload": sequential_cpu_offload,
         "group_offload_per_member": group_offload_per_member,
         "leaf_group_offload_per_member": leaf_group_offload_per_member,
     }  # fmt: skip
@@ -130,8 +137,14 @@ def run_modes(config: Dict[str, Any], num_members: int, steps: int, device: torc
     results, reference = {}, None
     for name, prepare in modes.items():
         fused = build_fusion(config, num_members, dtype, init_device=device)
-        prepare(fused)
-        result = measure(fused, inputs, steps, device)
+        try:
+            prepare(fused)
+            result = measure(fused, inputs, steps, device)
+        except Exception as error:  # noqa: BLE001 (recorded: one broken mode must not hide the others' figures)
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"{name:36s} FAILED: {results[name]['error'][:200]}")
+            del fused
+            continue
         output = result.pop("output")
         reference = output if reference is None else reference
         result["max_abs_diff_vs_all_on_device"] = float((output - reference).abs().max())

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from accelerate import cpu_offload
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
@@ -157,6 +158,20 @@ def test_compiled_members_and_compiled_fusion_give_the_same_images():
     torch.testing.assert_close(_generate(compiled, fusion_weights=[0.0, 1.0]), expected)
     with pytest.raises(ValueError, match="fusion_weights must sum to 1"):
         _generate(compiled, fusion_weights=[0.5, 0.6])
+
+
+def test_sequential_cpu_offload_of_a_fusion_gives_the_same_images():
+    """What `pipe.enable_sequential_cpu_offload()` does: accelerate's `cpu_offload` on every component, so weights sit
+    on the meta device until their submodule runs. Diffusers names the CPU `cpu:0`, to which accelerate 1.15 cannot
+    offload any model (a plain UNet neither), so the hooks are applied here as Diffusers applies them, with `cpu`."""
+    pipe = _pipe()
+    expected, expected_one_hot = _generate(pipe), _generate(pipe, fusion_weights=[0.0, 1.0])
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            cpu_offload(component, torch.device("cpu"), offload_buffers=len(component._parameters) > 0)
+    assert {p.device.type for member in pipe.unet.unets for p in member.parameters()} == {"meta"}
+    torch.testing.assert_close(_generate(pipe), expected, rtol=0, atol=0)
+    torch.testing.assert_close(_generate(pipe, fusion_weights=[0.0, 1.0]), expected_one_hot, rtol=0, atol=0)
 
 
 def test_fusion_pipeline_with_a_stock_pipeline_class():
