@@ -27,7 +27,8 @@ def test_dry_run_runs_every_mode_with_identical_outputs(script, tmp_path):
     report = json.loads(output.read_text())
     assert report["dry_run"] and report["num_members"] == 2 and report["cross_device_check"] is None
     modes = report["modes"]
-    expected_modes = ["all_on_device", "model_cpu_offload", "group_offload_per_member", "leaf_group_offload_per_member"]
+    expected_modes = ["all_on_device", "model_cpu_offload", "sequential_cpu_offload", "group_offload_per_member",
+                      "leaf_group_offload_per_member"]  # fmt: skip
     assert list(modes) == expected_modes
     for name, result in modes.items():
         assert result["finite"] and result["max_abs_diff_vs_all_on_device"] == 0.0, name
