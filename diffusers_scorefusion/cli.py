@@ -70,7 +70,9 @@ def _read_metadata(data_dir: str, metadata: str) -> Dict[str, str]:
                 raise ValueError(f"{where}: the caption of {name!r} must be a string, got {caption!r}")
             key = os.path.normpath(name)
             if key in lines:
-                raise ValueError(f"{where}: {name!r} is listed twice (also on line {lines[key]}); give one caption per image")
+                raise ValueError(
+                    f"{where}: {name!r} is listed twice (also on line {lines[key]}); give one caption per image"
+                )
             captions[key], lines[key] = caption, number
     return captions
 

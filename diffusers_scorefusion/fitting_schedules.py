@@ -176,6 +176,8 @@ def noising_process(
         )
     if alphas_cumprod.numel() == 0 or not (torch.isfinite(alphas_cumprod).all() and (alphas_cumprod >= 0).all()
                                             and (alphas_cumprod <= 1).all()):  # fmt: skip
-        raise ValueError(f"noise_scheduler.alphas_cumprod must be finite numbers in [0, 1], got {alphas_cumprod[:5]}...")
+        raise ValueError(
+            f"noise_scheduler.alphas_cumprod must be finite numbers in [0, 1], got {alphas_cumprod[:5]}..."
+        )
     check_scheduler_matches(fused, noise_scheduler)
     return DiffusionProcess(alphas_cumprod, fused.config.prediction_type, timestep_range, weighting, snr_gamma)

@@ -80,7 +80,9 @@ def _array_to_unit_range(image: Any, index: int) -> Any:
     channels = (shape[-3] if is_tensor else shape[-1]) if len(shape) in (3, 4) else None
     if channels != 3:
         kind = "tensors" if is_tensor else "arrays"
-        raise ValueError(f"images[{index}] has shape {shape}; {kind} must be RGB, {layout} (convert grey or RGBA first)")
+        raise ValueError(
+            f"images[{index}] has shape {shape}; {kind} must be RGB, {layout} (convert grey or RGBA first)"
+        )
     if 0 in shape:
         raise ValueError(f"images[{index}] is empty (shape {shape}); fitting needs at least one target image")
     dtype = str(image.dtype)
@@ -111,10 +113,17 @@ def check_images(images: Any, height: Optional[int], width: Optional[int], vae_s
     if not all(isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)) for item in items) or (
         len({PIL.Image.Image if issubclass(kind, PIL.Image.Image) else kind for kind in kinds}) > 1
     ):
-        raise TypeError(f"images must be PIL images, numpy arrays or torch tensors (one kind), got {sorted(k.__name__ for k in kinds)}")
+        raise TypeError(
+            "images must be PIL images, numpy arrays or torch tensors (one kind), "
+            f"got {sorted(k.__name__ for k in kinds)}"
+        )
     for name, value in (("height", height), ("width", width)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % vae_scale_factor):
-            raise ValueError(f"{name} must be a positive multiple of {vae_scale_factor} (the VAE factor), got {value!r}")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % vae_scale_factor
+        ):
+            raise ValueError(
+                f"{name} must be a positive multiple of {vae_scale_factor} (the VAE factor), got {value!r}"
+            )
     pil = isinstance(items[0], PIL.Image.Image)
     items = [_pil_to_rgb(item, i) if pil else _array_to_unit_range(item, i) for i, item in enumerate(items)]
     sizes = {(item.size[1], item.size[0]) if pil else tuple(item.shape[-2:] if isinstance(item, torch.Tensor)

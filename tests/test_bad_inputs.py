@@ -218,7 +218,9 @@ def _folder_with(name):
 def _stock_pipeline_folder(env):
     folder = env.root / "stock"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
     return folder
 
 
@@ -265,11 +267,13 @@ CASES = [
     Case("save to a path that is a file", _save_into(lambda env: env.saved / "config.json"), FileExistsError,
          "is not a folder"),
     Case("pipeline save over a stock pipeline's folder", _save_into(_stock_pipeline_folder,
-         lambda env, folder: env.pipe.save_pretrained(folder)), FileExistsError, "is not from a ScoreFusion pipeline save"),
+         lambda env, folder: env.pipe.save_pretrained(folder)), FileExistsError,
+         "is not from a ScoreFusion pipeline save"),
     Case("save with a variant that is not a name", _save_into(lambda env: env.root / "new",
          lambda env, folder: env.fused.save_pretrained(folder, variant="../fp16")), ValueError, "variant must be"),
     Case("save with safe_serialization that is not a bool", _save_into(lambda env: env.root / "new",
-         lambda env, folder: env.fused.save_pretrained(folder, safe_serialization="no")), TypeError, "safe_serialization"),
+         lambda env, folder: env.fused.save_pretrained(folder, safe_serialization="no")), TypeError,
+         "safe_serialization"),
     # ---- weights
     Case("set_weights with booleans", lambda env: lambda: env.fused.set_weights([True, False]), TypeError,
          "weights must be real numbers"),
@@ -320,7 +324,8 @@ CASES = [
     Case("reference-only subfolder with ..", _tampered(_member(0, subfolder="../../x"), lambda env: env.ref),
          ValueError, "relative path without '..'"),
     Case("reference-only member outside the folder's parent", _tampered(
-         _member(0, pretrained_model_name_or_path="/"), lambda env: env.ref), ValueError, "outside .*allow_outside_paths"),
+         _member(0, pretrained_model_name_or_path="/"), lambda env: env.ref), ValueError,
+         "outside .*allow_outside_paths"),
     Case("reference-only member that is neither a path nor a repo id", _tampered(
          _member(0, pretrained_model_name_or_path="no such:repo"), lambda env: env.ref), ValueError,
          "neither an existing local path nor a Hub repo id"),
@@ -426,7 +431,8 @@ CASES = [
          "image size 13x13 is not a multiple of the VAE factor"),
     Case("height not a multiple of the VAE factor", _fit([PIL.Image.new("RGB", (32, 32))], height=13, width=32),
          ValueError, "height must be a positive multiple of"),
-    Case("RGBA array", _fit(np.zeros((32, 32, 4), dtype=np.uint8)), ValueError, r"shape \(32, 32, 4\); arrays must be RGB"),
+    Case("RGBA array", _fit(np.zeros((32, 32, 4), dtype=np.uint8)), ValueError,
+         r"shape \(32, 32, 4\); arrays must be RGB"),
     Case("grey tensor", _fit(torch.zeros(1, 1, 32, 32)), ValueError, "tensors must be RGB"),
     Case("empty tensor batch", _fit(torch.zeros(0, 3, 32, 32)), ValueError, "is empty"),
     Case("images with NaN (existing)", _fit(torch.full((1, 3, 32, 32), float("nan"))), ValueError, "NaN or inf"),
@@ -485,7 +491,9 @@ def test_accepted_image_forms_follow_the_image_processor_conventions(pristine):
                  torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1):  # fmt: skip
         latents, _ = encode(form, "a photo")
         assert torch.allclose(latents, reference, atol=1e-5)
-    rgba = [PIL.Image.fromarray(np.concatenate([image, np.full((32, 32, 1), 7, np.uint8)], -1), "RGBA") for image in pixels]
+    rgba = [
+        PIL.Image.fromarray(np.concatenate([image, np.full((32, 32, 1), 7, np.uint8)], -1), "RGBA") for image in pixels
+    ]
     assert torch.equal(encode(rgba, "a photo")[0], reference)  # alpha dropped, as PIL's convert("RGB")
     grey = PIL.Image.fromarray(pixels[0, :, :, 0])
     assert torch.equal(encode([grey], "a photo")[0], encode([grey.convert("RGB")], "a photo")[0])

@@ -196,7 +196,11 @@ def _flux_fusion_pipe():
 
 
 def _hooks(module, name):
-    found = [(path, m._diffusers_hook.get_hook(name)) for path, m in module.named_modules() if hasattr(m, "_diffusers_hook")]
+    found = [
+        (path, m._diffusers_hook.get_hook(name))
+        for path, m in module.named_modules()
+        if hasattr(m, "_diffusers_hook")
+    ]
     return [(path, hook) for path, hook in found if hook is not None]
 
 

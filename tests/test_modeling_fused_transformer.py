@@ -252,7 +252,10 @@ def test_cache_helpers_reach_every_member(members):
 )
 def test_helpers_raise_when_a_member_lacks_them(call, helper):
     fused = FusedTransformer([GaussianVelocityTransformer(mean) for mean in member_means(2)])
-    with pytest.raises((NotImplementedError, MemberHelperMissing), match=f"member 0 \\(GaussianVelocityTransformer\\).* has no {helper}"):
+    with pytest.raises(
+        (NotImplementedError, MemberHelperMissing),
+        match=f"member 0 \\(GaussianVelocityTransformer\\).* has no {helper}",
+    ):
         call(fused)
 
 

@@ -531,7 +531,10 @@ def test_freeu_and_qkv_fusion_reach_every_member(inputs):
 )
 def test_helpers_raise_when_a_member_lacks_them(call):
     fused = FusedUNet([ToyDenoiser(0), ToyDenoiser(1)])
-    with pytest.raises((NotImplementedError, MemberHelperMissing), match=r"member 0 \(ToyDenoiser\), member 1 \(ToyDenoiser\) has no"):
+    with pytest.raises(
+        (NotImplementedError, MemberHelperMissing),
+        match=r"member 0 \(ToyDenoiser\), member 1 \(ToyDenoiser\) has no",
+    ):
         call(fused)
 
 

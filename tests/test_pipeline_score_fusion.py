@@ -237,7 +237,9 @@ def test_plain_unet_or_none_work_as_in_diffusers(parts):
     pipe = ScoreFusionPipeline(**_components(parts, parts["members"][0]))
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(_generate(pipe), _generate(_stock(parts, parts["members"][0])))
-    with pytest.raises(TypeError, match=r"fusion_weights=\[1.0\] needs a FusedUNet as `unet`, got UNet2DConditionModel"):
+    with pytest.raises(
+        TypeError, match=r"fusion_weights=\[1.0\] needs a FusedUNet as `unet`, got UNet2DConditionModel"
+    ):
         _generate(pipe, fusion_weights=[1.0])
     with pytest.raises(TypeError, match="fit_weights needs a FusedUNet as `unet`, got UNet2DConditionModel"):
         pipe.fit_weights([PIL.Image.new("RGB", (32, 32))], "a cat")

@@ -32,7 +32,9 @@ def _files(folder):
 def fused():
     schedulers = [DDIMScheduler(prediction_type="epsilon"), DDIMScheduler(prediction_type="v_prediction")]
     model = FusedUNet([get_dummy_unet(0), get_dummy_unet(1)], prediction_type="epsilon", member_schedulers=schedulers)
-    model.set_weights([[0.25, 0.75], [1.0, 0.0]], timestep_bin_edges=[0, 500, 1000], provenance={"method": "exact", "n": 8})
+    model.set_weights(
+        [[0.25, 0.75], [1.0, 0.0]], timestep_bin_edges=[0, 500, 1000], provenance={"method": "exact", "n": 8}
+    )
     return model
 
 
@@ -64,7 +66,8 @@ def test_reference_only_layout_resolves_members_by_path(tmp_path):
     components = get_dummy_components()
     base = ScoreFusionPipeline(**{**components, "unet": FusedUNet([get_dummy_unet(0)])})
     base.save_pretrained(tmp_path / "base")
-    pipe = ScoreFusionPipeline.from_pretrained(tmp_path / "base", unets=[str(tmp_path / "unet_0"), str(tmp_path / "unet_1")],
+    pipe = ScoreFusionPipeline.from_pretrained(tmp_path / "base",
+                                               unets=[str(tmp_path / "unet_0"), str(tmp_path / "unet_1")],
                                                weights=[0.3, 0.7])  # fmt: skip
     pipe.unet.save_pretrained(tmp_path / "ref", reference_only=True)
     assert os.listdir(tmp_path / "ref") == ["config.json"]
@@ -103,7 +106,9 @@ def test_pipeline_round_trip_through_both_loaders(tmp_path):
         loaded = loader.from_pretrained(tmp_path / folder)
         assert type(loaded) is ScoreFusionPipeline
         loaded.set_progress_bar_config(disable=True)
-        images = loaded("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+        images = loaded(
+            "a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
         assert (images == expected).all()
 
 

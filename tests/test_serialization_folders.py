@@ -140,8 +140,9 @@ def test_lora_fusions_save_bin_weights_and_variants(tmp_path):
     lora = {f"unet.{key}": value for key, value in get_peft_model_state_dict(adapted).items()}
     fused = FusedUNet.from_lora(base, [lora, lora], weights=[0.5, 0.5])
     fused.save_pretrained(tmp_path / "fusion", variant="fp16", safe_serialization=False)
-    assert sorted(os.listdir(tmp_path / "fusion")) == ["config.json", "lora_base_0.fp16.diffusers",
-                                                       "member_0.fp16.diffusers", "member_1.fp16.diffusers"]  # fmt: skip
+    assert sorted(os.listdir(tmp_path / "fusion")) == [
+        "config.json", "lora_base_0.fp16.diffusers", "member_0.fp16.diffusers", "member_1.fp16.diffusers"
+    ]  # fmt: skip
     # the adapters stay safetensors: their LoRA config (rank, alpha) lives in the header, which a .bin lacks
     assert os.listdir(tmp_path / "fusion" / "member_0.fp16.diffusers") == ["pytorch_lora_weights.safetensors"]
     assert "diffusion_pytorch_model.fp16.bin" in os.listdir(tmp_path / "fusion" / "lora_base_0.fp16.diffusers")

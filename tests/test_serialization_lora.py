@@ -37,7 +37,9 @@ def lora_fusion():
 def test_lora_fusion_round_trip(lora_fusion, tmp_path):
     fused, base = lora_fusion
     fused.save_pretrained(tmp_path / "fusion")
-    assert sorted(os.listdir(tmp_path / "fusion")) == ["config.json", "lora_base_0.diffusers", "member_0.diffusers", "member_1.diffusers"]
+    assert sorted(os.listdir(tmp_path / "fusion")) == [
+        "config.json", "lora_base_0.diffusers", "member_0.diffusers", "member_1.diffusers"
+    ]
     assert os.listdir(tmp_path / "fusion" / "member_0.diffusers") == ["pytorch_lora_weights.safetensors"]
     # the base folder is the plain base UNet, without LoRA layers
     saved_base = UNet2DConditionModel.from_pretrained(tmp_path / "fusion" / "lora_base_0.diffusers")
@@ -63,5 +65,6 @@ def test_lora_fusion_refuses_reference_only_and_bad_base_index(lora_fusion, tmp_
     config = json.loads((tmp_path / "fusion" / "config.json").read_text())
     config["members"][1]["lora"]["base"] = 3
     (tmp_path / "fusion" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"members\[1\]\.lora must name a base index below 1"):  # checked before loading
+    # checked before loading
+    with pytest.raises(ValueError, match=r"members\[1\]\.lora must name a base index below 1"):
         FusedUNet.from_pretrained(tmp_path / "fusion")

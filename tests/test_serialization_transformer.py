@@ -183,7 +183,8 @@ def test_a_stock_flux_pipeline_saves_and_loads_its_fused_transformer(tmp_path):
 
 
 def _to_hub_cache(folder, repo_id):
-    """Puts a local folder into the Hugging Face cache as `repo_id` (what a download leaves there; tests are offline)."""
+    """Puts a local folder into the Hugging Face cache as `repo_id` (what a download leaves there; tests are
+    offline)."""
     import shutil
 
     from huggingface_hub import constants

@@ -39,7 +39,8 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(folders):
-    fused_pipe = ScoreFusionPipeline.from_pretrained(folders / "base", unets=[folders / "a", folders / "b", folders / "c"],
+    fused_pipe = ScoreFusionPipeline.from_pretrained(folders / "base",
+                                                     unets=[folders / "a", folders / "b", folders / "c"],
                                                      weights=[0.2, 0.5, 0.3])  # fmt: skip
     fused_pipe.set_progress_bar_config(disable=True)
     return fused_pipe
@@ -101,7 +102,9 @@ def test_text_encoders_survive_save_and_load(pipe, tmp_path, reference_only):
 def test_community_pipeline_loads_offline(folders, target):
     custom = os.path.abspath(COMMUNITY if target == "folder" else os.path.join(COMMUNITY, "pipeline.py"))
     fused = FusedUNet([get_dummy_unet(1), get_dummy_unet(2)], weights=[0.4, 0.6])
-    loaded = DiffusionPipeline.from_pretrained(folders / "base", custom_pipeline=custom, trust_remote_code=True, unet=fused)
+    loaded = DiffusionPipeline.from_pretrained(
+        folders / "base", custom_pipeline=custom, trust_remote_code=True, unet=fused
+    )
     assert type(loaded) is ScoreFusionPipeline
     loaded.set_progress_bar_config(disable=True)
     direct = ScoreFusionPipeline.from_pretrained(folders / "base", unet=fused)

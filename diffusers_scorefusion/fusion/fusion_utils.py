@@ -27,9 +27,13 @@ def check_weights(weights: WeightsLike, num_members: int, name: str = "weights")
     if table.ndim == 1:
         table = table.unsqueeze(0)
     if table.ndim != 2 or table.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (k,) or (num_bins, k), got shape {tuple(torch.as_tensor(weights).shape)}")
+        raise ValueError(
+            f"{name} must have shape (k,) or (num_bins, k), got shape {tuple(torch.as_tensor(weights).shape)}"
+        )
     if table.shape[1] != num_members:
-        raise ValueError(f"{name} must have {num_members} entries per row (one per member), got {table.shape[1]}: {table.tolist()}")
+        raise ValueError(
+            f"{name} must have {num_members} entries per row (one per member), got {table.shape[1]}: {table.tolist()}"
+        )
     if not torch.isfinite(table).all():
         raise ValueError(f"{name} must be finite, got {table.tolist()}")
     if (table < 0).any():
@@ -99,7 +103,8 @@ def convert_prediction(
     from_type: str,
     to_type: str,
 ) -> torch.Tensor:
-    """Converts a prediction between ``epsilon``, ``v_prediction`` and ``sample`` for ``x_t = alpha_t x0 + sigma_t eps``.
+    """Converts a prediction between ``epsilon``, ``v_prediction`` and ``sample`` for
+    ``x_t = alpha_t x0 + sigma_t eps``.
 
     ``alpha_t`` and ``sigma_t`` are scalars or have shape `(B,)`; the result keeps ``model_output``'s dtype.
     """
@@ -145,7 +150,8 @@ def combine_predictions(predictions: Sequence[torch.Tensor], weights: torch.Tens
 def denoising_target(
     sample: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
-    """What a perfect model predicts for ``x_t = alpha_t x0 + sigma_t eps``: ``eps``, ``v = alpha_t eps - sigma_t x0`` or ``x0``.
+    """What a perfect model predicts for ``x_t = alpha_t x0 + sigma_t eps``: ``eps``, ``v = alpha_t eps - sigma_t x0``
+    or ``x0``.
 
     ``sample`` is the clean ``x0`` `(B, ...)`, ``alpha_t`` and ``sigma_t`` have shape `(B,)`; returns float64.
     The ``v_prediction`` target equals Diffusers' ``scheduler.get_velocity(x0, noise, t)``.
@@ -199,7 +205,9 @@ def score_matching_statistics(
     return gram, linear, constant
 
 
-def quadratic_loss(weights: torch.Tensor, gram: torch.Tensor, linear: torch.Tensor, constant: torch.Tensor) -> torch.Tensor:
+def quadratic_loss(
+    weights: torch.Tensor, gram: torch.Tensor, linear: torch.Tensor, constant: torch.Tensor
+) -> torch.Tensor:
     """``lambda^T G lambda - 2 b^T lambda + c``."""
     weights = weights.to(gram.dtype)
     return weights @ gram @ weights - 2 * linear @ weights + constant
@@ -218,7 +226,9 @@ def _solve_on_face(gram: torch.Tensor, linear: torch.Tensor, free: torch.Tensor)
     residual = (kkt @ solution - rhs).abs().max()
     scale = max(1.0, gram.abs().max().item(), linear.abs().max().item())
     if residual > 1e-8 * scale:
-        raise ValueError("the quadratic is unbounded on a face of the simplex: gram must be PSD with linear in its range")
+        raise ValueError(
+            "the quadratic is unbounded on a face of the simplex: gram must be PSD with linear in its range"
+        )
     weights = torch.zeros_like(linear)
     weights[idx] = solution[:n]
     return weights, solution[n]

@@ -35,8 +35,9 @@ NOISE_SCHEDULE_KEYS = (
     "trained_betas",
     "rescale_betas_zero_snr",
 )
-NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                           "trained_betas": None, "rescale_betas_zero_snr": False}  # fmt: skip
+NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                           "beta_schedule": "linear", "trained_betas": None,
+                           "rescale_betas_zero_snr": False}  # fmt: skip
 
 
 def config_get(config: Any, key: str) -> Any:
@@ -84,7 +85,9 @@ def check_noise_schedule(schedule: Dict[str, Any], name: str = "noise schedule")
         if not _is_real(schedule[key]) or not 0 < schedule[key] < 1:
             raise ValueError(f"{name}: {key} must be a finite number in (0, 1), got {schedule[key]!r}")
     if not isinstance(schedule["rescale_betas_zero_snr"], bool):
-        raise TypeError(f"{name}: rescale_betas_zero_snr must be True or False, got {schedule['rescale_betas_zero_snr']!r}")
+        raise TypeError(
+            f"{name}: rescale_betas_zero_snr must be True or False, got {schedule['rescale_betas_zero_snr']!r}"
+        )
     if not isinstance(schedule["beta_schedule"], str):
         raise TypeError(f"{name}: beta_schedule must be a string, got {schedule['beta_schedule']!r}")
     trained = schedule["trained_betas"]
@@ -193,7 +196,9 @@ def check_member_schedules(
     if member_schedulers is None:
         return None
     if len(member_schedulers) != num_members:
-        raise ValueError(f"member_schedulers must hold {num_members} entries (one per member), got {len(member_schedulers)}")
+        raise ValueError(
+            f"member_schedulers must hold {num_members} entries (one per member), got {len(member_schedulers)}"
+        )
     schedules = [schedule_of(scheduler) for scheduler in member_schedulers]
     if schedule_of is noise_schedule_of:
         for i, schedule in enumerate(schedules):
@@ -247,7 +252,9 @@ def text_encoder_slots(
             slots.append(0)
             continue
         if not isinstance(encoder, nn.Module):
-            raise TypeError(f"member_text_encoders[{i}] must be a torch.nn.Module or None, got {type(encoder).__name__}")
+            raise TypeError(
+                f"member_text_encoders[{i}] must be a torch.nn.Module or None, got {type(encoder).__name__}"
+            )
         found = next((j for j, known in enumerate(encoders) if known is encoder), None)
         if found is None:
             encoders.append(encoder)

@@ -97,7 +97,9 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
         if timestep_bin_edges is not None:
             edges = check_bin_edges(timestep_bin_edges, table.shape[0]).tolist()
         elif table.shape[0] > 1:
-            raise ValueError(f"weights with {table.shape[0]} rows need timestep_bin_edges ({table.shape[0] + 1} numbers)")
+            raise ValueError(
+                f"weights with {table.shape[0]} rows need timestep_bin_edges ({table.shape[0] + 1} numbers)"
+            )
         stored = table[0].tolist() if torch.as_tensor(weights).ndim == 1 else table.tolist()
         if provenance is not None and not isinstance(provenance, dict):
             raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
@@ -141,7 +143,9 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
         if rows.numel() == 1 or (rows == rows[0]).all():
             return table[rows[0]]
         if rows.numel() != batch_size:
-            raise ValueError(f"timestep must be a scalar or have {batch_size} entries, got shape {tuple(timesteps.shape)}")
+            raise ValueError(
+                f"timestep must be a scalar or have {batch_size} entries, got shape {tuple(timesteps.shape)}"
+            )
         return table[rows]  # (B, k)
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -184,7 +188,9 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
         missing = [f"member {i} ({type(member).__name__})" for i, member in enumerate(members)
                    if not hasattr(member, method)]  # fmt: skip
         if missing:
-            raise NotImplementedError(f"{method}() cannot be applied to the fusion: {', '.join(missing)} has no {method}()")
+            raise NotImplementedError(
+                f"{method}() cannot be applied to the fusion: {', '.join(missing)} has no {method}()"
+            )
         return [getattr(member, method)(*args, **kwargs) for member in members]
 
     @property
@@ -199,7 +205,9 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
         if all(processors.keys() == per_member[0].keys() for processors in per_member):
             return dict(per_member[0])
         prefix = self.members_attribute
-        return {f"{prefix}.{i}.{name}": proc for i, processors in enumerate(per_member) for name, proc in processors.items()}
+        return {
+            f"{prefix}.{i}.{name}": proc for i, processors in enumerate(per_member) for name, proc in processors.items()
+        }
 
     def set_attn_processor(self, processor: Any) -> None:
         """Sets one processor on every member, or a dict keyed like `attn_processors` (the same processor object for
@@ -210,7 +218,9 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
         expected = self.attn_processors.keys()
         if set(processor) != set(expected):
             unknown, missing = sorted(set(processor) - set(expected)), sorted(set(expected) - set(processor))
-            raise ValueError(f"processor dict keys must match attn_processors; unknown {unknown[:3]}, missing {missing[:3]}")
+            raise ValueError(
+                f"processor dict keys must match attn_processors; unknown {unknown[:3]}, missing {missing[:3]}"
+            )
         for i, member in enumerate(self.fusion_members):
             prefix = f"{self.members_attribute}.{i}."
             if any(name.startswith(prefix) for name in processor):

@@ -248,7 +248,9 @@ def recover_legacy(folder: str, remove: bool = False) -> None:
     leftovers = _legacy_leftovers(folder)
     if not os.path.lexists(folder):
         old_prefix = f".{os.path.basename(os.path.abspath(folder))}.old-"
-        backups = [os.path.join(path, "previous") for path in leftovers if os.path.basename(path).startswith(old_prefix)]
+        backups = [
+            os.path.join(path, "previous") for path in leftovers if os.path.basename(path).startswith(old_prefix)
+        ]
         backups = [path for path in backups if os.path.isdir(path)]
         if backups:
             os.replace(max(backups, key=os.path.getmtime), folder)

@@ -44,7 +44,9 @@ def check_scheduler_matches(unet: Any, scheduler: Any) -> None:
         differing = [f"{key}={schedule[key]!r} vs {unet.config.noise_schedule[key]!r}" for key in NOISE_SCHEDULE_KEYS
                      if schedule[key] != unet.config.noise_schedule[key]]  # fmt: skip
         if differing:
-            raise ValueError(f"the scheduler's noise schedule differs from the members' (scheduler vs members): {differing}")
+            raise ValueError(
+                f"the scheduler's noise schedule differs from the members' (scheduler vs members): {differing}"
+            )
 
 
 
@@ -99,7 +101,9 @@ class FusedUNet(FusedUNetHelpersMixin, FusionSaveLoadMixin, FusedModelMixin):
         interface = check_members(unets)
         num_members = len(unets)
         noise_schedule = check_member_schedules(member_schedulers, num_members)
-        member_prediction_types = resolve_member_prediction_types(member_prediction_types, member_schedulers, num_members)
+        member_prediction_types = resolve_member_prediction_types(
+            member_prediction_types, member_schedulers, num_members
+        )
         if prediction_type is None:
             if len(set(member_prediction_types)) > 1:
                 raise ValueError(
@@ -135,7 +139,9 @@ class FusedUNet(FusedUNetHelpersMixin, FusionSaveLoadMixin, FusedModelMixin):
         """How many prompt encodings the fusion needs: the pipeline's encoder plus each distinct member encoder."""
         return 1 + len(self.text_encoders)
 
-    def _member_hidden_states(self, index: int, encoder_hidden_states: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _member_hidden_states(
+        self, index: int, encoder_hidden_states: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
         """Member `index`'s slice of the encodings, concatenated along the last dim (one block per encoder slot)."""
         slots = self.config.member_encoder_slots
         if slots is None or encoder_hidden_states is None:

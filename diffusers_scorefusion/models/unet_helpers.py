@@ -84,7 +84,8 @@ class FusedUNetHelpersMixin:
         self.register_to_config(encoder_hid_dim_type=first.config.encoder_hid_dim_type)
 
     def _load_ip_adapter_loras(self, state_dicts: Any) -> Dict[int, Dict[str, Any]]:
-        """The FaceID LoRAs in IP-Adapter state dicts (keyed by a single UNet's module names, which all members share)."""
+        """The FaceID LoRAs in IP-Adapter state dicts (keyed by a single UNet's module names, which all members
+        share)."""
         return self._layout_model("load_ip_adapter")._load_ip_adapter_loras(state_dicts)
 
     # ----------------------------------------------------------------------------------------------- LoRA scales

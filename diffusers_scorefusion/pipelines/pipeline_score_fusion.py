@@ -91,12 +91,14 @@ def fusion_loading_kwargs(
     if unets is None:
         if weights is not None:
             raise ValueError(
-                f"weights= needs {members_name}=; to change a loaded fusion's weights use pipe.{component}.set_weights()"
+                f"weights= needs {members_name}=; to change a loaded fusion's weights "
+                f"use pipe.{component}.set_weights()"
             )
         if fusion_options and component not in kwargs:  # Diffusers would not pass them on: load the fusion here
             dtype = kwargs.get("torch_dtype")
             dtype = dtype.get(component, dtype.get("default")) if isinstance(dtype, dict) else dtype
-            load = {key: kwargs[key] for key in ("cache_dir", "token", "local_files_only", "revision", "use_safetensors")
+            load = {key: kwargs[key]
+                    for key in ("cache_dir", "token", "local_files_only", "revision", "use_safetensors")
                     if key in kwargs}  # fmt: skip
             kwargs[component] = fusion_class.from_pretrained(pretrained_model_name_or_path, subfolder=component,
                                                              torch_dtype=dtype, **load, **fusion_options)  # fmt: skip

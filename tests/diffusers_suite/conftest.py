@@ -265,7 +265,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
 
 
 def _write_report(config: Any, path: str, counts: Dict[str, Dict[str, int]]) -> None:
-    header = [f"Diffusers {diffusers.__version__}, torch {torch.__version__}, upstream tests at {upstream_commit()}", ""]
+    header = [
+        f"Diffusers {diffusers.__version__}, torch {torch.__version__}, upstream tests at {upstream_commit()}",
+        "",
+    ]
     columns = ("passed", "failed", "skipped", "exception", "fusion-only failures")
     header += ["| variant | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     header += [f"| {variant} | " + " | ".join(str(bucket.get(name, "-")) for name in columns) + " |"

@@ -87,7 +87,8 @@ def _tiny_stable_diffusion_xl(folder: str) -> None:
 
 
 def _tiny_clip_text(folder: str) -> None:
-    # peft-internal-testing/tiny-clip-text-2: a CLIP text model of width 32 with a 32-wide projection, and its tokenizer.
+    # peft-internal-testing/tiny-clip-text-2: a CLIP text model of width 32 with a 32-wide projection, and its
+    # tokenizer.
     torch.manual_seed(0)
     CLIPTextModelWithProjection(_text_config(projection_dim=32)).save_pretrained(folder)
     ascii_clip_tokenizer().save_pretrained(folder)

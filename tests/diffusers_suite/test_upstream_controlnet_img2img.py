@@ -1,4 +1,5 @@
-"""Diffusers' `StableDiffusionControlNetImg2ImgPipeline` fast tests, with a `FusedUNet` as its `unet` (see upstream.py)."""
+"""Diffusers' `StableDiffusionControlNetImg2ImgPipeline` fast tests, with a `FusedUNet` as its `unet`
+(see upstream.py)."""
 
 from upstream import derive
 

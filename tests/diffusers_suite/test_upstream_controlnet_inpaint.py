@@ -1,4 +1,5 @@
-"""Diffusers' `StableDiffusionControlNetInpaintPipeline` fast tests, with a `FusedUNet` as its `unet` (see upstream.py)."""
+"""Diffusers' `StableDiffusionControlNetInpaintPipeline` fast tests, with a `FusedUNet` as its `unet`
+(see upstream.py)."""
 
 from upstream import derive
 

@@ -1,4 +1,5 @@
-"""Diffusers' `StableDiffusionXLControlNetInpaintPipeline` fast tests, with a `FusedUNet` as its `unet` (see upstream.py)."""
+"""Diffusers' `StableDiffusionXLControlNetInpaintPipeline` fast tests, with a `FusedUNet` as its `unet`
+(see upstream.py)."""
 
 from upstream import derive
 

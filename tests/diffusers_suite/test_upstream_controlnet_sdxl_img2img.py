@@ -1,4 +1,5 @@
-"""Diffusers' `StableDiffusionXLControlNetImg2ImgPipeline` fast tests, with a `FusedUNet` as its `unet` (see upstream.py)."""
+"""Diffusers' `StableDiffusionXLControlNetImg2ImgPipeline` fast tests, with a `FusedUNet` as its `unet`
+(see upstream.py)."""
 
 from upstream import derive
 

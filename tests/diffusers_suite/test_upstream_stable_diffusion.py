@@ -5,4 +5,5 @@ from upstream import derive
 from diffusers_scorefusion import ScoreFusionPipeline
 
 derive(globals(), "pipelines.stable_diffusion.test_stable_diffusion",
-       ["TestStableDiffusionPipeline", "TestStableDiffusionPipelineMemory", "TestStableDiffusionPipelineIPAdapter"], ScoreFusionPipeline)
+       ["TestStableDiffusionPipeline", "TestStableDiffusionPipelineMemory", "TestStableDiffusionPipelineIPAdapter"],
+       ScoreFusionPipeline)

@@ -74,7 +74,8 @@ def import_upstream(module: str) -> ModuleType:
 
 
 def _perturbed_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` with every floating-point parameter shifted (private generator: the global RNG is untouched)."""
+    """A copy of `model` with every floating-point parameter shifted (private generator: the global RNG is
+    untouched)."""
     other = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -159,7 +160,11 @@ def _run_dummy(test: Any, pipeline_class: type, components: Any) -> Any:
         inputs = inputs[-1]
     torch.manual_seed(0)
     output = pipe(**inputs)[0]
-    return torch.as_tensor(output) if not isinstance(output, list) else torch.as_tensor([numpy.asarray(o) for o in output])
+    return (
+        torch.as_tensor(output)
+        if not isinstance(output, list)
+        else torch.as_tensor([numpy.asarray(o) for o in output])
+    )
 
 
 def _output_equals_stock(base: type):
