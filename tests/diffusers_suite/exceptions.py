@@ -8,7 +8,7 @@ the behaviour it stands for.
 import fnmatch
 from typing import Optional
 
-# (upstream test id pattern or patterns, reason, our test that checks the behaviour instead, fusion variants it applies to)
+# (upstream test id pattern or patterns, reason, our test that checks the behaviour instead, fusion variants)
 EXCEPTIONS = [
     (
         ("pipelines/stable_diffusion/*::test_StableDiffusionMixin_component",
