@@ -184,6 +184,19 @@ def _fusion_classifier(versions):
     return classify
 
 
+def _pipeline_classifier(pipes, component):
+    """Which of `pipes` a loaded pipeline is: its fusion (`component`) must be that save's, and its VAE too."""
+    vaes = [_state_dict(pipe.vae) for pipe in pipes]
+    classify_fusion = _fusion_classifier([getattr(pipe, component) for pipe in pipes])
+
+    def classify(loaded):
+        state = classify_fusion(getattr(loaded, component))
+        assert all(torch.equal(a, b) for a, b in zip(_state_dict(loaded.vae).values(), vaes[state].values()))
+        return state
+
+    return classify
+
+
 @pytest.mark.parametrize("thorough", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_fused_unet_survives_a_kill_at_any_point(tmp_path, thorough):
     fused = FusedUNet([get_dummy_unet(0), get_dummy_unet(1)], weights=[0.3, 0.7])
@@ -219,14 +232,7 @@ def test_pipeline_survives_a_kill_at_any_point(tmp_path, thorough):
     pipes = [ScoreFusionPipeline(**get_dummy_components(weights=[0.3, 0.7]))]
     other = get_dummy_components(seed=5, weights=[0.8, 0.2])
     pipes.append(ScoreFusionPipeline(**other))
-    vaes = [_state_dict(pipe.vae) for pipe in pipes]
-    classify_unet = _fusion_classifier([pipe.unet for pipe in pipes])
-
-    def classify(loaded):
-        state = classify_unet(loaded.unet)
-        assert all(torch.equal(a, b) for a, b in zip(_state_dict(loaded.vae).values(), vaes[state].values()))
-        return state
-
+    classify = _pipeline_classifier(pipes, "unet")
     saves = [lambda folder, p=p: p.save_pretrained(folder) for p in pipes]
     _crash_everywhere(tmp_path / "pipe", saves, ScoreFusionPipeline.from_pretrained, classify, seed=2,
                       num_random=20 if thorough else 1, every=thorough)  # fmt: skip
@@ -250,14 +256,7 @@ def test_flux_pipeline_survives_a_kill_at_any_point(tmp_path, thorough):
         members = [components["transformer"], parts.get_dummy_flux_transformer(seed + 1)]
         fused = FusedTransformer(members, weights=weights)
         pipes.append(ScoreFusionFluxPipeline(**{**components, "transformer": fused}))
-    vaes = [_state_dict(pipe.vae) for pipe in pipes]
-    classify_transformer = _fusion_classifier([pipe.transformer for pipe in pipes])
-
-    def classify(loaded):
-        state = classify_transformer(loaded.transformer)
-        assert all(torch.equal(a, b) for a, b in zip(_state_dict(loaded.vae).values(), vaes[state].values()))
-        return state
-
+    classify = _pipeline_classifier(pipes, "transformer")
     saves = [lambda folder, p=p: p.save_pretrained(folder) for p in pipes]
     _crash_everywhere(tmp_path / "pipe", saves, ScoreFusionFluxPipeline.from_pretrained, classify, seed=4,
                       num_random=20 if thorough else 1, every=thorough)  # fmt: skip

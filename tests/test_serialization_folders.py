@@ -1,13 +1,13 @@
 """Where saves write and what loads accept (issues 8 and 11): beside the user's files as Diffusers does, variants and
 `.bin` weights, leftovers of crashed saves, saves by 0.1, Hub configs, integrity checks on pipelines."""
 
-import hashlib
 import json
 import os
 import shutil
 
 import pytest
 import torch
+from _serialization_checks import check_variant_round_trip
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline, ScoreFusionXLPipeline
@@ -117,16 +117,7 @@ def test_an_interrupted_swap_is_completed_by_the_next_load(fused, tmp_path):
 
 @pytest.mark.parametrize("safe_serialization", [True, False])
 def test_variants_and_bin_weights_round_trip_for_fusions(fused, tmp_path, safe_serialization):
-    fused.save_pretrained(tmp_path / "fusion", variant="fp16", safe_serialization=safe_serialization)
-    extension = "safetensors" if safe_serialization else "bin"
-    member = tmp_path / "fusion" / "member_0.fp16.diffusers"
-    assert sorted(os.listdir(member)) == ["config.json", f"diffusion_pytorch_model.fp16.{extension}"]
-    config = json.loads((tmp_path / "fusion" / "config.json").read_text())
-    digest = hashlib.sha256((member / f"diffusion_pytorch_model.fp16.{extension}").read_bytes()).hexdigest()
-    assert config["members"][0]["sha256"][f"diffusion_pytorch_model.fp16.{extension}"] == digest
-    for variant in ("fp16", None):
-        assert _same(FusedUNet.from_pretrained(tmp_path / "fusion", variant=variant), fused)
-    assert UNet2DConditionModel.from_pretrained(member, variant="fp16") is not None  # a standard UNet folder
+    check_variant_round_trip(fused, FusedUNet, UNet2DConditionModel, _same, tmp_path / "fusion", safe_serialization)
 
 
 def test_lora_fusions_save_bin_weights_and_variants(tmp_path):

@@ -7,12 +7,12 @@ with the in-memory model load with `disable_mmap=True`, which copies the weights
 """
 
 import copy
-import hashlib
 import json
 import os
 
 import pytest
 import torch
+from _serialization_checks import check_variant_round_trip
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from test_modeling_fused_transformer import flux_inputs  # noqa: E402
 
@@ -73,16 +73,8 @@ def test_round_trip_is_bit_exact_and_members_are_standard_transformer_folders(fu
 
 @pytest.mark.parametrize("safe_serialization", [True, False])
 def test_variants_and_bin_weights(fused, tmp_path, safe_serialization):
-    fused.save_pretrained(tmp_path / "fusion", variant="fp16", safe_serialization=safe_serialization)
-    extension = "safetensors" if safe_serialization else "bin"
-    member = tmp_path / "fusion" / "member_0.fp16.diffusers"
-    assert sorted(os.listdir(member)) == ["config.json", f"diffusion_pytorch_model.fp16.{extension}"]
-    config = json.loads((tmp_path / "fusion" / "config.json").read_text())
-    digest = hashlib.sha256((member / f"diffusion_pytorch_model.fp16.{extension}").read_bytes()).hexdigest()
-    assert config["members"][0]["sha256"][f"diffusion_pytorch_model.fp16.{extension}"] == digest
-    for variant in ("fp16", None):
-        assert _same_tensors(FusedTransformer.from_pretrained(tmp_path / "fusion", variant=variant), fused)
-    assert FluxTransformer2DModel.from_pretrained(member, variant="fp16") is not None  # a standard transformer folder
+    check_variant_round_trip(fused, FusedTransformer, FluxTransformer2DModel, _same_tensors, tmp_path / "fusion",
+                             safe_serialization)  # fmt: skip
     if not safe_serialization:  # .bin goes through torch's weights_only loader; allow_pickle=False reads none
         with pytest.raises(ValueError, match="only safetensors were read: allow_pickle=False"):
             FusedTransformer.from_pretrained(tmp_path / "fusion", allow_pickle=False)

@@ -119,8 +119,7 @@ def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
                 item.add_marker(pytest.mark.skip(reason="not in the stock baseline: rerun with --upstream-stock"))
             elif stock != "passed":
                 item.add_marker(pytest.mark.skip(reason=f"stock {stock}"))
-            elif exception_reason(upstream_id(item), variant) is not None:
-                reason = exception_reason(upstream_id(item), variant)
+            elif (reason := exception_reason(upstream_id(item), variant)) is not None:
                 item.add_marker(pytest.mark.skip(reason=f"listed exception: {reason}"))
     if deselected:
         config.hook.pytest_deselected(items=deselected)
