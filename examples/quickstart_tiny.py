@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils import make_image_grid
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_unet
 
 
 def main() -> None:

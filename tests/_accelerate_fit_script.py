@@ -18,7 +18,7 @@ import _gaussian_flow_members as flow  # noqa: E402
 from _gaussian_members import barycenter_samples, gaussian_fusion, member_means  # noqa: E402
 
 from diffusers_scorefusion import fit_weights  # noqa: E402
-from diffusers_scorefusion.testing_utils import get_dummy_scheduler  # noqa: E402
+from diffusers_scorefusion.testing.unet_parts import get_dummy_scheduler  # noqa: E402
 
 NUM_SAMPLES = 13
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from diffusers_scorefusion import FusedUNet
-from diffusers_scorefusion.testing_utils import get_dummy_scheduler
+from diffusers_scorefusion.testing.unet_parts import get_dummy_scheduler
 
 SHAPE = (4, 8, 8)
 STD = 0.5

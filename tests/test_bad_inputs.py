@@ -23,8 +23,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from diffusers_scorefusion import FusedTransformer, FusedUNet, ScoreFusionPipeline, fit_weights
 from diffusers_scorefusion.fitting import encode_for_fitting
 from diffusers_scorefusion.loaders.atomic_save import JOURNAL_NAME
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
-from diffusers_scorefusion.testing_utils_transformers import get_dummy_flux_transformer
+from diffusers_scorefusion.testing.transformer_parts import get_dummy_flux_transformer
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_unet
 
 MEMBER = "member_1.diffusers"
 WEIGHTS = "diffusion_pytorch_model.safetensors"

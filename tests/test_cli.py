@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 
 from diffusers_scorefusion import ScoreFusionPipeline
 from diffusers_scorefusion.cli import main, read_image_folder
-from diffusers_scorefusion.testing_utils import (
+from diffusers_scorefusion.testing.unet_parts import (
     get_dummy_scheduler,
     get_dummy_text_encoder,
     get_dummy_tokenizer,
@@ -171,7 +171,7 @@ def test_an_sdxl_base_is_fitted_with_the_xl_pipeline(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from diffusers_scorefusion import ScoreFusionXLPipeline
-    from diffusers_scorefusion.testing_utils import get_dummy_xl_components, get_dummy_xl_unet
+    from diffusers_scorefusion.testing.unet_parts import get_dummy_xl_components, get_dummy_xl_unet
 
     StableDiffusionXLPipeline(**{**get_dummy_xl_components(), "unet": get_dummy_xl_unet(0)}).save_pretrained(
         tmp_path / "base")

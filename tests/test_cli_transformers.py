@@ -10,8 +10,8 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from test_cli import write_images  # noqa: E402
 
 from diffusers_scorefusion import FusedTransformer, ScoreFusionFluxPipeline, ScoreFusionSD3Pipeline
-from diffusers_scorefusion import testing_utils_transformers as parts
 from diffusers_scorefusion.cli import main, read_image_folder
+from diffusers_scorefusion.testing import transformer_parts as parts
 
 FAMILIES = {
     "sd3": (StableDiffusion3Pipeline, ScoreFusionSD3Pipeline, parts.get_dummy_sd3_components,

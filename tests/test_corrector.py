@@ -23,7 +23,7 @@ from diffusers_scorefusion.fusion.corrector_utils import (
     score_from_noise_pred,
 )
 from diffusers_scorefusion.pipelines.corrector import SDXL_TENSOR_INPUTS
-from diffusers_scorefusion.testing_utils import (
+from diffusers_scorefusion.testing.unet_parts import (
     get_dummy_components,
     get_dummy_scheduler,
     get_dummy_xl_components,

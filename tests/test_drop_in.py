@@ -14,7 +14,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_unet
 
 WEIGHTS = [0.3, 0.7]
 
@@ -186,7 +186,7 @@ def _flux_fusion_pipe():
     from diffusers import FluxPipeline
 
     from diffusers_scorefusion import FusedTransformer
-    from diffusers_scorefusion.testing_utils_transformers import get_dummy_flux_components, get_dummy_flux_transformer
+    from diffusers_scorefusion.testing.transformer_parts import get_dummy_flux_components, get_dummy_flux_transformer
 
     components = get_dummy_flux_components(0, num_layers=2, num_single_layers=2)
     second = get_dummy_flux_transformer(1, num_layers=2, num_single_layers=2)

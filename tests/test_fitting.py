@@ -10,9 +10,9 @@ from diffusers import DDPMScheduler
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline, fit_weights, solve_simplex_qp
 from diffusers_scorefusion.fitting import encode_for_fitting
-from diffusers_scorefusion.fitting_utils import SMALL_T_MAX_SIGMA, resolve_timestep_range
+from diffusers_scorefusion.fitting.fitting_utils import SMALL_T_MAX_SIGMA, resolve_timestep_range
 from diffusers_scorefusion.fusion.fusion_utils import denoising_target, quadratic_loss
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_scheduler
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_scheduler
 
 TRUE_WEIGHTS = [0.2, 0.5, 0.3]
 

@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from diffusers_scorefusion import FusedUNet, LoraMember, ScoreFusionXLPipeline
 from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion.models.modeling_lora_member import save_base_model
-from diffusers_scorefusion.testing_utils import get_dummy_unet, get_dummy_xl_components, get_dummy_xl_unet
+from diffusers_scorefusion.testing.unet_parts import get_dummy_unet, get_dummy_xl_components, get_dummy_xl_unet
 
 peft = pytest.importorskip("peft")
 from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers  # noqa: E402

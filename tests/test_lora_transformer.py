@@ -8,7 +8,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from diffusers_scorefusion import FusedTransformer, LoraMember
-from diffusers_scorefusion.testing_utils_transformers import (
+from diffusers_scorefusion.testing.transformer_parts import (
     get_dummy_flux_components,
     get_dummy_flux_transformer,
     get_dummy_sd3_components,

@@ -14,7 +14,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers_scorefusion import FusedTransformer
 from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
 from diffusers_scorefusion.fusion.offload_utils import places_own_inputs
-from diffusers_scorefusion.testing_utils_transformers import (
+from diffusers_scorefusion.testing.transformer_parts import (
     get_dummy_flux_transformer,
     get_dummy_pixart_transformer,
     get_dummy_sd3_transformer,

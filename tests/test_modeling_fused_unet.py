@@ -13,7 +13,7 @@ from torch import nn
 
 from diffusers_scorefusion import FusedUNet
 from diffusers_scorefusion.fusion.modeling_fusion import MemberHelperMissing
-from diffusers_scorefusion.testing_utils import get_dummy_scheduler, get_dummy_unet, get_dummy_xl_unet
+from diffusers_scorefusion.testing.unet_parts import get_dummy_scheduler, get_dummy_unet, get_dummy_xl_unet
 
 BATCH = 2
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
 from diffusers_scorefusion.fusion.offload_utils import places_own_inputs, to_device
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_unet
 
 CPU = torch.device("cpu")
 

@@ -22,7 +22,7 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
 from diffusers_scorefusion.pipelines.pipeline_score_fusion import build_fused_unet
-from diffusers_scorefusion.testing_utils import (
+from diffusers_scorefusion.testing.unet_parts import (
     get_dummy_scheduler,
     get_dummy_text_encoder,
     get_dummy_tokenizer,

@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from diffusers_scorefusion import FusedTransformer, ScoreFusionFluxPipeline, ScoreFusionSD3Pipeline, fit_weights
-from diffusers_scorefusion import testing_utils_transformers as parts
+from diffusers_scorefusion.testing import transformer_parts as parts
 
 CALL = dict(prompt="a cat", height=8, width=8, max_sequence_length=16, num_inference_steps=2, output_type="pt")
 FAMILIES = {

@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionXLPipeline, fitting
-from diffusers_scorefusion.testing_utils import (
+from diffusers_scorefusion.testing.unet_parts import (
     get_dummy_scheduler,
     get_dummy_unet,
     get_dummy_xl_components,

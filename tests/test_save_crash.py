@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from diffusers_scorefusion import FusedTransformer, FusedUNet, ScoreFusionFluxPipeline, ScoreFusionPipeline
-from diffusers_scorefusion import testing_utils_transformers as parts
 from diffusers_scorefusion.loaders.atomic_save import JOURNAL_NAME, LEFTOVER_PREFIXES
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
+from diffusers_scorefusion.testing import transformer_parts as parts
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_unet
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills forked saving processes (POSIX)")
 FS_CALLS = ("replace", "unlink", "rmdir")

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_unet
 
 
 def _inputs(batch=2):
@@ -270,7 +270,7 @@ def test_device_map_per_member(saved):
 
 def test_xl_pipeline_round_trip_and_atomic_save(tmp_path, monkeypatch):
     from diffusers_scorefusion import ScoreFusionXLPipeline
-    from diffusers_scorefusion.testing_utils import get_dummy_xl_components
+    from diffusers_scorefusion.testing.unet_parts import get_dummy_xl_components
 
     pipe = ScoreFusionXLPipeline(**get_dummy_xl_components(num_members=2))
     pipe.set_progress_bar_config(disable=True)

@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline, ScoreFusionXLPipeline
 from diffusers_scorefusion.loaders.atomic_save import JOURNAL_NAME
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_unet, get_dummy_xl_components
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_unet, get_dummy_xl_components
 
 
 def _inputs():

@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffusers_scorefusion import FusedUNet, LoraMember
-from diffusers_scorefusion.testing_utils import get_dummy_unet
+from diffusers_scorefusion.testing.unet_parts import get_dummy_unet
 
 pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402

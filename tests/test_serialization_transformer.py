@@ -23,7 +23,7 @@ from diffusers_scorefusion import (
     ScoreFusionFluxPipeline,
     ScoreFusionSD3Pipeline,
 )
-from diffusers_scorefusion import testing_utils_transformers as parts
+from diffusers_scorefusion.testing import transformer_parts as parts
 
 CALL = dict(prompt="a cat", height=8, width=8, max_sequence_length=16, num_inference_steps=2, output_type="pt")
 FAMILIES = {

@@ -7,7 +7,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline
-from diffusers_scorefusion.testing_utils import get_dummy_components, get_dummy_text_encoder, get_dummy_unet
+from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_text_encoder, get_dummy_unet
 
 COMMUNITY = os.path.join(os.path.dirname(__file__), os.pardir, "community", "score_fusion")
 

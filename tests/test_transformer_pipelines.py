@@ -16,7 +16,7 @@ from diffusers import (
 )
 
 from diffusers_scorefusion import FusedTransformer
-from diffusers_scorefusion import testing_utils_transformers as parts
+from diffusers_scorefusion.testing import transformer_parts as parts
 
 FLOW_DPM = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
 CASES = {

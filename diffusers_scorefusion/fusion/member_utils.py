@@ -167,16 +167,18 @@ def _config_dict(config: Any) -> Dict[str, Any]:
     return dict(config) if isinstance(config, dict) else dict(vars(config))
 
 
-def shared_member_config(members: Sequence[nn.Module]) -> Dict[str, Any]:
+def shared_member_config(members: Sequence[nn.Module], reserved: Sequence[str] = ()) -> Dict[str, Any]:
     """The public config entries every member has with the same value (tuples as lists), in member 0's order.
 
     A fusion mirrors them in its own config, so code that reads a single model's config (`block_out_channels`,
-    `layers_per_block`, ...) reads the members' shared value; entries the members disagree on are left out.
+    `layers_per_block`, ...) reads the members' shared value; entries the members disagree on are left out, and so
+    are the `reserved` keys (the fusion's own entries and attribute names, which win: a member that is itself a fusion
+    has `num_members`, `weights`, ...).
     """
     configs = [_config_dict(getattr(member, "config", None)) for member in members]
     shared = {}
     for key, value in configs[0].items():
-        if key.startswith("_"):
+        if key.startswith("_") or key in reserved:
             continue
         value = plain(value)
         if all(key in config and plain(config[key]) == value for config in configs[1:]):
@@ -211,15 +213,23 @@ def check_member_schedules(
     return schedules[0]
 
 def resolve_member_prediction_types(
-    member_prediction_types: Optional[Sequence[str]], member_schedulers: Optional[Sequence[Any]], num_members: int
+    member_prediction_types: Optional[Sequence[str]],
+    member_schedulers: Optional[Sequence[Any]],
+    num_members: int,
+    members: Optional[Sequence[nn.Module]] = None,
 ) -> List[str]:
-    """Each member's prediction type: given, else its scheduler's, else `"epsilon"`; given and declared must agree."""
+    """Each member's prediction type: given, else its scheduler's, else the `prediction_type` its own config records
+    (a fusion's, a custom denoiser's), else `"epsilon"`; given and declared must agree."""
     declared = None
     if member_schedulers is not None:
         declared = [config_get(noise_config, "prediction_type") for noise_config in
                     (s if isinstance(s, dict) else s.config for s in member_schedulers)]  # fmt: skip
     if member_prediction_types is None:
-        member_prediction_types = [t or "epsilon" for t in declared] if declared else ["epsilon"] * num_members
+        recorded = [config_get(getattr(member, "config", None), "prediction_type") for member in members or ()]
+        recorded = [value if value in PREDICTION_TYPES else None for value in recorded] or [None] * num_members
+        member_prediction_types = [
+            (declared[i] if declared else None) or recorded[i] or "epsilon" for i in range(num_members)
+        ]
     member_prediction_types = list(member_prediction_types)
     if len(member_prediction_types) != num_members:
         raise ValueError(
@@ -270,15 +280,34 @@ def member_model(member: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) and isinstance(getattr(member, "adapter_name", None), str) else member
 
 
+def is_lora_member(member: nn.Module) -> bool:
+    """Whether `member` is a `LoraMember` (an adapter of a shared base), recognised without importing models/."""
+    return member_model(member) is not member
+
+
 def public_config(config: Any) -> Dict[str, Any]:
     """A model config (a Diffusers `FrozenDict` or an object with attributes) as a dict without private `_` keys."""
     return {key: plain(value) for key, value in _config_dict(config).items() if not key.startswith("_")}
 
 
-def check_transformer_members(members: Sequence[Any]) -> Tuple[Dict[str, Any], str]:
-    """Refuses members that are not modules of one class with one config; returns that config and the class name.
+def underlying_model_class(member: nn.Module) -> type:
+    """The model class behind a member: a `LoraMember`'s base's, a fusion's members' (fusions nest), else its own."""
+    members = getattr(member, "fusion_members", None)
+    if isinstance(members, nn.ModuleList) and len(members) > 0:
+        return underlying_model_class(members[0])
+    return type(member_model(member))
 
-    A `LoraMember` counts as its base's class. Every config key must agree (members are fine-tunes of one model).
+
+def _without(config: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
+    return {key: value for key, value in config.items() if key not in keys}
+
+
+def check_transformer_members(members: Sequence[Any], reserved: Sequence[str] = ()) -> Tuple[Dict[str, Any], str]:
+    """Refuses members that are not modules of one class with one config; returns that config (without the
+    `reserved` keys: the fusion's own) and the class name.
+
+    A `LoraMember` counts as its base's class, a fusion as its members'. Every other config key must agree (members
+    are fine-tunes of one model).
     """
     for i, member in enumerate(members):
         if not isinstance(member, nn.Module):
@@ -289,13 +318,13 @@ def check_transformer_members(members: Sequence[Any]) -> Tuple[Dict[str, Any], s
                 f"member {i} ({type(member).__name__}) needs a `config` with in_channels, as Diffusers transformers "
                 "have"
             )
-    classes = [type(member_model(member)) for member in members]
+    classes = [underlying_model_class(member) for member in members]
     for i, cls in enumerate(classes[1:], start=1):
         if cls is not classes[0]:
             raise ValueError(f"member {i} is a {cls.__name__} but member 0 is a {classes[0].__name__}")
-    reference = public_config(members[0].config)
+    reference = _without(public_config(members[0].config), reserved)
     for i, member in enumerate(members[1:], start=1):
-        config = public_config(member.config)
+        config = _without(public_config(member.config), reserved)
         keys = sorted(set(config) | set(reference))
         differing = [f"{key}={config.get(key)!r} vs {reference.get(key)!r}" for key in keys
                      if config.get(key) != reference.get(key)]  # fmt: skip

@@ -75,6 +75,16 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
     # Weights for the current call only (`override_weights`), or `None`.
     _weights_override: Optional[torch.Tensor] = None
 
+    # Config entries every fusion registers itself; a subclass adds its own in `own_config_keys`.
+    base_config_keys = ("num_members", "weights", "timestep_bin_edges", "weights_provenance")
+    own_config_keys: Tuple[str, ...] = ()
+
+    @classmethod
+    def _reserved_config_keys(cls) -> Tuple[str, ...]:
+        """Keys a fusion never mirrors from its members: its own config entries and its attribute names (a config
+        key becomes an attribute). The fusion's own entries win over a member's."""
+        return cls.base_config_keys + cls.own_config_keys + tuple(name for name in dir(cls) if not name.startswith("_"))
+
     @property
     def fusion_members(self) -> nn.ModuleList:
         """The members, in order."""

@@ -10,9 +10,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 from torch import nn
 
-from ..models.modeling_fused_transformer import FusedTransformer
-from ..models.modeling_fused_unet import FusedUNet
-from ..models.modeling_lora_member import load_lora_members
 from .atomic_save import reading, recover_legacy
 from .fusion_config import (
     CONFIG_NAME,
@@ -103,7 +100,7 @@ def load_fusion(
 ) -> Any:
     """Loads a fusion saved by `save_fusion` from a local folder or a Hub repo id (`FusedUNet.from_pretrained`,
     `FusedTransformer.from_pretrained`: `fusion_class` says which the folder must hold)."""
-    class_name = FUSED_TRANSFORMER if issubclass(fusion_class, FusedTransformer) else FUSED_UNET
+    class_name = FUSED_TRANSFORMER if fusion_class.members_attribute == "transformers" else FUSED_UNET
     unknown = set(kwargs) - set(FORWARDED_LOAD_KWARGS) - set(IGNORED_LOAD_KWARGS) - {"quantization_config"}
     if unknown:
         raise TypeError(f"{class_name}.from_pretrained got unexpected keyword arguments {sorted(unknown)}")
@@ -178,6 +175,8 @@ def _load_checked_config(
             member_kwargs["device_map"] = device_maps[i]
         try:
             if "lora" in entry:
+                from ..models.modeling_lora_member import load_lora_members  # models/ imports loaders/: import late
+
                 (member,) = load_lora_members(
                     lora_bases[entry["lora"]["base"]], [source], adapter_names=[entry["lora"].get("adapter_name")],
                     allow_pickle=use_safetensors is not True, subfolder=spec["subfolder"], **hub_kwargs,
@@ -192,6 +191,8 @@ def _load_checked_config(
         _check_member_config(i, member, entry["config"])
         members.append(member)
     if transformer:
+        from ..models.modeling_fused_transformer import FusedTransformer  # models/ imports loaders/: import late
+
         fused = FusedTransformer(
             members, weights=config["weights"], timestep_bin_edges=config["timestep_bin_edges"],
             member_schedulers=[flow_schedule_config(config["noise_schedule"])] * num_members
@@ -217,7 +218,7 @@ def _fused_unet(
     config: Dict[str, Any], members: List[nn.Module], specs: List[Dict[str, Any]], source: str,
     subfolder: Optional[str], where: str, hub_kwargs: Dict[str, Any], use_safetensors: Optional[bool],
     verify: Callable[..., None], torch_dtype: Any,
-) -> FusedUNet:  # fmt: skip
+) -> Any:  # fmt: skip
     """A FusedUNet of `members` with its recorded prediction types, noise schedule and member text encoders."""
     encoders = []
     for j, entry in enumerate(config["text_encoders"]):
@@ -234,6 +235,8 @@ def _fused_unet(
                                         torch_dtype, variant=entry.get("variant"), use_safetensors=use_safetensors,
                                         **hub_kwargs)  # fmt: skip
         encoders.append(encoder)
+    from ..models.modeling_fused_unet import FusedUNet  # models/ imports loaders/: import late
+
     slots, num_members = config["member_encoder_slots"], config["num_members"]
     return FusedUNet(
         members,

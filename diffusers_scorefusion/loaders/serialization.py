@@ -19,9 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
 
-from ..models.modeling_fused_transformer import FusedTransformer
-from ..models.modeling_fused_unet import FusedUNet
-from ..models.modeling_lora_member import LoraMember, save_base_model
+from ..fusion.member_utils import is_lora_member
+from ..fusion.modeling_fusion import FusedModelMixin
 from .atomic_save import SaveKind, atomic_save, check_save_target
 from .fusion_config import (
     CONFIG_NAME,
@@ -44,10 +43,10 @@ VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 
 def fusion_class_name(fused: Any) -> str:
     """`"FusedUNet"` or `"FusedTransformer"`: the `_class_name` a save of `fused` records."""
-    if isinstance(fused, FusedTransformer):
-        return FUSED_TRANSFORMER
-    if isinstance(fused, FusedUNet):
-        return FUSED_UNET
+    # read from the class, so that loaders/ needs no import of models/ (which imports loaders/)
+    names = {"transformers": FUSED_TRANSFORMER, "unets": FUSED_UNET}
+    if isinstance(fused, FusedModelMixin) and fused.members_attribute in names:
+        return names[fused.members_attribute]
     raise TypeError(f"expected a FusedUNet or a FusedTransformer, got {type(fused).__name__}")
 
 
@@ -67,7 +66,7 @@ def jsonable(value: Any) -> Any:
 def _distinct_lora_bases(fused: Any) -> List[nn.Module]:
     bases: List[nn.Module] = []
     for member in fused.fusion_members:
-        if isinstance(member, LoraMember) and _index_of(bases, member.base) is None:
+        if is_lora_member(member) and _index_of(bases, member.base) is None:
             bases.append(member.base)
     return bases
 
@@ -95,7 +94,7 @@ def _check_saveable(fused: Any, variant: Optional[str], safe_serialization: Any)
     expected = (f"{SAVED_MEMBER_CLASSES}" if class_name == FUSED_UNET else
                 "Diffusers transformer models (classes of diffusers.models.transformers) and LoraMember")  # fmt: skip
     for i, member in enumerate(fused.fusion_members):
-        model = member.base if isinstance(member, LoraMember) else member
+        model = member.base if is_lora_member(member) else member
         if not _loadable(model, class_name):
             what = f"a LoraMember of a {type(model).__name__}" if model is not member else f"a {type(model).__name__}"
             raise TypeError(
@@ -119,7 +118,7 @@ def fusion_config_to_save(
     members = []
     for i, member in enumerate(fused.fusion_members):
         entry = {"class_name": type(member).__name__, "config": jsonable(public_config(member.config))}
-        if isinstance(member, LoraMember):
+        if is_lora_member(member):
             entry["lora"] = {"base": _index_of(lora_bases, member.base), "adapter_name": member.adapter_name}
         if reference_only:
             source = sources[i]
@@ -147,7 +146,7 @@ def fusion_config_to_save(
     return config
 
 
-def _text_encoder_entries(fused: FusedUNet, reference_only: bool, variant: Optional[str]) -> List[Dict[str, Any]]:
+def _text_encoder_entries(fused: Any, reference_only: bool, variant: Optional[str]) -> List[Dict[str, Any]]:
     """A FusedUNet's member text encoders: saved here, or (reference-only) beside the first member that uses each."""
     entries = []
     for j, encoder in enumerate(fused.text_encoders):
@@ -191,9 +190,11 @@ def save_fusion(
                   if "subfolder" in entry]  # fmt: skip
         for part, entry, module in parts:
             folder = os.path.join(staging, entry["subfolder"])
-            if isinstance(module, LoraMember):  # safetensors always: the adapter's LoRA config is in its header
+            if is_lora_member(module):  # safetensors always: the adapter's LoRA config is in its header
                 module.save_lora_weights(folder)
             elif part == "base":
+                from ..models.modeling_lora_member import save_base_model  # models/ imports loaders/: import late
+
                 save_base_model(module, folder, max_shard_size=max_shard_size, safe_serialization=safe_serialization,
                                 variant=variant)  # fmt: skip
             elif part == "encoder":

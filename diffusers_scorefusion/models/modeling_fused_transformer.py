@@ -22,6 +22,7 @@ from ..fusion.member_utils import (
     flow_schedule_of,
     is_flow_matching,
     member_model,
+    underlying_model_class,
     scheduler_class_and_config,
 )
 from ..fusion.modeling_fusion import FusedModelMixin, MemberHelperMissing, member_method, replace_first_field
@@ -30,9 +31,6 @@ from ..loaders.fusion_mixin import FusionSaveLoadMixin
 
 # Names under which transformers take the noise level (`t`: Z-Image).
 TIMESTEP_ARGUMENTS = ("timestep", "timesteps", "t")
-# Config keys of the fusion itself; a member config may not use them.
-FUSION_CONFIG_KEYS = ("num_members", "member_class", "noise_schedule", "weights", "timestep_bin_edges",
-                      "weights_provenance")  # fmt: skip
 PLAIN_TYPES = (bool, int, float, str, type(None))
 
 
@@ -109,6 +107,7 @@ class FusedTransformer(FusionSaveLoadMixin, FusedModelMixin):
     """
 
     members_attribute = "transformers"
+    own_config_keys = ("member_class", "noise_schedule")
 
     def __init__(
         self,
@@ -123,14 +122,11 @@ class FusedTransformer(FusionSaveLoadMixin, FusedModelMixin):
         transformers = list(transformers)
         if len(transformers) == 0:
             raise ValueError("transformers must hold at least one member, got an empty list")
-        interface, member_class = check_transformer_members(transformers)
-        reserved = sorted(set(interface) & set(FUSION_CONFIG_KEYS))
-        if reserved:
-            raise ValueError(f"the members' config uses keys the fusion needs for itself: {reserved}")
+        interface, member_class = check_transformer_members(transformers, reserved=self._reserved_config_keys())
         num_members = len(transformers)
         noise_schedule = check_member_schedules(member_schedulers, num_members, schedule_of=flow_schedule_of)
         self.transformers = nn.ModuleList(transformers)
-        forward = type(member_model(transformers[0])).forward
+        forward = underlying_model_class(transformers[0]).forward
         # The members' `forward` signature without `self`, and the name of their timestep argument (read per call).
         self._forward_signature = inspect.Signature(list(inspect.signature(forward).parameters.values())[1:])
         names = self._forward_signature.parameters

@@ -81,6 +81,7 @@ class FusedUNet(FusedUNetHelpersMixin, FusionSaveLoadMixin, FusedModelMixin):
     """
 
     members_attribute = "unets"
+    own_config_keys = ("prediction_type", "member_prediction_types", "noise_schedule", "member_encoder_slots")
 
     def __init__(
         self,
@@ -102,7 +103,7 @@ class FusedUNet(FusedUNetHelpersMixin, FusionSaveLoadMixin, FusedModelMixin):
         num_members = len(unets)
         noise_schedule = check_member_schedules(member_schedulers, num_members)
         member_prediction_types = resolve_member_prediction_types(
-            member_prediction_types, member_schedulers, num_members
+            member_prediction_types, member_schedulers, num_members, members=unets
         )
         if prediction_type is None:
             if len(set(member_prediction_types)) > 1:
@@ -125,7 +126,7 @@ class FusedUNet(FusedUNetHelpersMixin, FusionSaveLoadMixin, FusedModelMixin):
         if noise_schedule is not None:
             self._alphas_cumprod = DDPMScheduler.from_config(noise_schedule).alphas_cumprod.to(torch.float64)
         self.register_to_config(
-            **{**shared_member_config(unets), **interface},
+            **{**shared_member_config(unets, reserved=self._reserved_config_keys()), **interface},
             num_members=num_members,
             prediction_type=prediction_type,
             member_prediction_types=list(member_prediction_types),

@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ..fitting_encoding import encode_images
+from ..fitting.fitting_encoding import encode_images
 from ..models.modeling_fused_transformer import FusedTransformer
 from .pipeline_score_fusion_transformer import ScoreFusionTransformerPipelineMixin
 

@@ -17,14 +17,14 @@ from diffusers import PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer, T5Config
 
-from diffusers_scorefusion.testing_utils import (
+from diffusers_scorefusion.testing.transformer_parts import get_dummy_t5_tokenizer
+from diffusers_scorefusion.testing.unet_parts import (
     _text_config,
     get_dummy_text_encoder,
     get_dummy_unet,
     get_dummy_vae,
     get_dummy_xl_unet,
 )
-from diffusers_scorefusion.testing_utils_transformers import get_dummy_t5_tokenizer
 
 
 def _snapshot(cache_dir: str, repo_id: str) -> str:

@@ -13,12 +13,11 @@ import torch
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from .fitting_encoding import encode_for_fitting, encode_images  # noqa: F401  (their 0.1 import path)
+from ..fusion.fusion_utils import quadratic_loss, solve_simplex_qp
+from ..models.modeling_fused_transformer import FusedTransformer
+from ..models.modeling_fused_unet import FusedUNet
 from .fitting_schedules import noising_process
 from .fitting_utils import check_options, member_inputs, noised_batches, provenance_record, reduce_sum, shared_seed
-from .fusion.fusion_utils import quadratic_loss, solve_simplex_qp
-from .models.modeling_fused_transformer import FusedTransformer
-from .models.modeling_fused_unet import FusedUNet
 
 METHODS = ("exact", "sgd")
 
