@@ -3,7 +3,8 @@ what the fused sampler really samples, and the Langevin corrector.
 
 Same as ``python -m diffusers_scorefusion.experiments.gaussian1d``: ``--setup paper`` (default; every data set
 standardised by its own mean and std, as the reference notebook does) or ``--setup common-scale``; ``--full`` for 5
-seeds. Writes ``results/gaussian1d/`` (or ``results/gaussian1d-common-scale/``): report.md, results.json, figures.
+seeds. Writes ``outputs/gaussian1d/`` (or ``outputs/gaussian1d-common-scale/``; git-ignored): report.md, results.json,
+figures; ``--update-results`` writes the committed ``results/gaussian1d/`` instead.
 """
 
 import os

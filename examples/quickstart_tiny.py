@@ -3,7 +3,7 @@
 Builds three "fine-tuned" UNets, fuses them, samples, fits the weights to a few target images,
 saves the fitted pipeline, reloads it through Diffusers and writes an image grid.
 
-    python examples/quickstart_tiny.py --out quickstart-output
+    python examples/quickstart_tiny.py                 # writes outputs/quickstart/ (git-ignored)
 """
 
 import argparse
@@ -20,7 +20,8 @@ from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="quickstart-output", help="folder for the grid and the saved pipeline")
+    parser.add_argument("--out", default=os.path.join("outputs", "quickstart"),
+                        help="folder for the grid and the saved pipeline (default: outputs/quickstart, git-ignored)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,6 +41,7 @@ def main() -> None:
     print(f"fitted weights {result.weights.tolist()} ± {result.standard_errors.tolist()}, loss {result.loss:.4f}, "
           f"{result.num_forward_passes} member forwards")  # fmt: skip
 
+    os.makedirs(args.out, exist_ok=True)
     pipe.save_pretrained(os.path.join(args.out, "pipeline"))
     reloaded = DiffusionPipeline.from_pretrained(os.path.join(args.out, "pipeline"))
     print(f"reloaded {type(reloaded).__name__} with weights {reloaded.unet.fusion_weights.tolist()}")

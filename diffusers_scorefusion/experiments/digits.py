@@ -28,6 +28,7 @@ from . import data as digit_data
 from .digits_eval import evaluate, lambda_spectrum, make_test_set, paired_difference, train_proportion_classifier
 from .digits_models import merge_unets, train_auxiliaries, train_target_models
 from .digits_report import write_digits_outputs
+from .output_dirs import add_output_arguments, output_dirs
 from .training import TrainingConfig, make_noise_scheduler
 
 ALL = "all"
@@ -237,9 +238,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     preset.add_argument("--full", action="store_true", help="10 seeds, bigger UNets, longest budgets (hours)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's)")
     parser.add_argument("--n", nargs="+", default=None, help="target sizes, integers or 'all'")
-    parser.add_argument("--out", default=None, help="output folder (default: results/digits[-<preset>])")
-    parser.add_argument("--cache-dir", default=None, help="trained-model cache (default: <out>/cache)")
-    parser.add_argument("--no-cache", action="store_true", help="train everything, read and write no cache")
+    add_output_arguments(parser, "digits[-<preset>]")
     parser.add_argument("--num-threads", type=int, default=1,
                         help="torch CPU threads (default 1: these tiny UNets train ~4x faster on 1 thread than on 2 "
                              "when other processes share the cores)")  # fmt: skip
@@ -263,8 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise ValueError(f"--num-threads must be >= 1, got {args.num_threads}")
     torch.set_num_threads(args.num_threads)
     settings = settings_from_args(args)
-    out = args.out or os.path.join("results", "digits" if settings.preset == "quick" else f"digits-{settings.preset}")
-    cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(out, "cache"))
+    out, cache_dir = output_dirs(args, "digits" if settings.preset == "quick" else f"digits-{settings.preset}")
     results = run_digits(settings, out, cache_dir)
     print(f"wrote {out}/report.md ({results['meta']['wall_time_s']:.0f} s)")
     return results

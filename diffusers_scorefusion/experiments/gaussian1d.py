@@ -16,7 +16,6 @@ samples, in the data's units, over sampling trials. Then what the fused sampler 
 """
 
 import argparse
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -35,6 +34,7 @@ from .denoising import denoising_loss, make_noised_set
 from .gaussian1d_analysis import corrector_study, what_is_sampled
 from .gaussian1d_report import write_gaussian1d_outputs
 from .mixtures1d import Mixture1D, wasserstein1
+from .output_dirs import add_output_arguments, output_dirs
 from .training import TrainingConfig, generate, load_or_train, make_noise_scheduler, train_denoiser
 
 __all__ = ["AUXILIARIES", "TARGET", "Mixture1D", "MLPDenoiser", "run_gaussian1d", "wasserstein1"]
@@ -244,8 +244,7 @@ def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Option
     return write_gaussian1d_outputs(out_dir, settings, payload, histograms)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Command-line entry point: ``python -m diffusers_scorefusion.experiments.gaussian1d [--setup ...] [--full]``."""
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setup", choices=SETUPS, default="paper",
                         help="paper: each data set standardised by its own mean and std (the reference's); "
@@ -253,13 +252,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--full", action="store_true", help="5 seeds, longer training")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--trials", type=int, default=None, help="sampling trials per model (default 10)")
-    parser.add_argument("--out", default=None, help="output folder (default: results/gaussian1d[-common-scale])")
-    parser.add_argument("--cache-dir", default=None, help="trained-model cache (default: <out>/cache)")
-    parser.add_argument("--no-cache", action="store_true")
+    add_output_arguments(parser, "gaussian1d[-common-scale]")
     parser.add_argument("--num-threads", type=int, default=1,
                         help="torch CPU threads (default 1: these small MLPs run several times faster on 1 thread "
                              "than on 2 when other processes share the cores)")  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Command-line entry point: ``python -m diffusers_scorefusion.experiments.gaussian1d [--setup ...] [--full]``."""
+    args = parse_args(argv)
     if args.num_threads < 1:
         raise ValueError(f"--num-threads must be >= 1, got {args.num_threads}")
     if args.trials is not None and args.trials < 1:
@@ -270,8 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         settings = replace(settings, seeds=tuple(args.seeds))
     if args.trials is not None:
         settings = replace(settings, num_trials=args.trials)
-    out = args.out or os.path.join("results", "gaussian1d" if args.setup == "paper" else f"gaussian1d-{args.setup}")
-    cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(out, "cache"))
+    out, cache_dir = output_dirs(args, "gaussian1d" if args.setup == "paper" else f"gaussian1d-{args.setup}")
     payload = run_gaussian1d(settings, out, cache_dir)
     print(f"wrote {out}/report.md ({payload['meta']['wall_time_s']:.0f} s)")
     return payload

@@ -22,8 +22,8 @@ from ..fusion.member_utils import (
     flow_schedule_of,
     is_flow_matching,
     member_model,
-    underlying_model_class,
     scheduler_class_and_config,
+    underlying_model_class,
 )
 from ..fusion.modeling_fusion import FusedModelMixin, MemberHelperMissing, member_method, replace_first_field
 from ..fusion.offload_utils import call_on_member_device
