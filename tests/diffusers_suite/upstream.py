@@ -1,7 +1,9 @@
 """Diffusers' own test-suite, retargeted at the fusion: import the upstream tests and derive fusion test classes.
 
-The upstream `tests/` folder (verbatim, never copied into this project) is found at `$SCOREFUSION_DIFFUSERS_TESTS`
-or `../shared/diffusers-tests` beside the project, and imported as the package `diffusers_upstream_tests` (its
+The upstream `tests/` folder (verbatim, never copied into this project) is found at `$SCOREFUSION_DIFFUSERS_TESTS`,
+`../shared/diffusers-tests` beside the project, or in the cache filled by
+`python -m diffusers_scorefusion.testing.fetch_diffusers_tests` (a sparse clone of the installed version's tag), and
+imported as the package `diffusers_upstream_tests` (its
 modules use relative imports, so any package name works). For each upstream test class the harness derives:
 
 - `stock`: the upstream class unchanged (the baseline; run with `--upstream-stock`, else read from the committed
@@ -27,27 +29,42 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy
 import torch
 
+from diffusers_scorefusion.testing.fetch_diffusers_tests import (
+    DiffusersTestsLocation,
+    fetched_record,
+    find_diffusers_tests,
+)
+
 PACKAGE = "diffusers_upstream_tests"
-ENV_VARIABLE = "SCOREFUSION_DIFFUSERS_TESTS"
 VARIANTS = ("stock", "fusion1", "fusion2")
 FUSION_VARIANTS = ("fusion1", "fusion2")
 
 
+def _project_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def upstream_location() -> DiffusersTestsLocation:
+    """Where the upstream tests are (`$SCOREFUSION_DIFFUSERS_TESTS`, `../shared/diffusers-tests`, or the cache that
+    `python -m diffusers_scorefusion.testing.fetch_diffusers_tests` fills), or why they are not found."""
+    return find_diffusers_tests(_project_root())
+
+
 def upstream_root() -> Optional[str]:
     """The upstream `tests/` folder, or `None` when it is not on this machine."""
-    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    base = os.environ.get(ENV_VARIABLE) or os.path.join(os.path.dirname(project), "shared", "diffusers-tests")
-    for candidate in (os.path.join(base, "tests"), base):
-        if os.path.isfile(os.path.join(candidate, "pipelines", "test_pipelines_common.py")):
-            return os.path.abspath(candidate)
-    return None
+    return upstream_location().path
 
 
 def upstream_commit() -> Optional[str]:
-    """The upstream commit named in the checkout's README (the shared copy records it), if any."""
+    """The upstream commit: recorded by the fetch, or named in the checkout's README (the shared copy records it)."""
     root = upstream_root()
-    readme = os.path.join(os.path.dirname(root), "README.md") if root else None
-    if not readme or not os.path.isfile(readme):
+    if root is None:
+        return None
+    fetched = fetched_record(root)
+    if fetched:
+        return fetched.get("commit")
+    readme = os.path.join(os.path.dirname(root), "README.md")
+    if not os.path.isfile(readme):
         return None
     with open(readme, encoding="utf-8") as handle:
         for word in handle.read().replace("\n", " ").split():
@@ -62,7 +79,8 @@ def import_upstream(module: str) -> ModuleType:
         root = upstream_root()
         if root is None:
             raise FileNotFoundError(
-                f"Diffusers' tests were not found: set {ENV_VARIABLE} or put them at ../shared/diffusers-tests"
+                f"Diffusers' tests were not found: {upstream_location().reason}; fetch them with "
+                "`python -m diffusers_scorefusion.testing.fetch_diffusers_tests`"
             )
         spec = importlib.util.spec_from_file_location(
             PACKAGE, os.path.join(root, "__init__.py"), submodule_search_locations=[root]

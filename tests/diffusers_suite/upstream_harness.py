@@ -17,7 +17,7 @@ import pytest
 import torch
 from exceptions import exception_reason  # this folder is on sys.path, as for every test module here
 from hub_stand_ins import write_stand_ins
-from upstream import FUSION_VARIANTS, VARIANTS, upstream_commit, upstream_root
+from upstream import FUSION_VARIANTS, VARIANTS, upstream_commit, upstream_location, upstream_root
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = os.path.join(HERE, "baseline", f"diffusers-{diffusers.__version__}.json")
@@ -235,12 +235,22 @@ def _counts(config: Any) -> Dict[str, Dict[str, int]]:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
-    if upstream_root() is None:
+    location = upstream_location()
+    if location.path is None:
         terminalreporter.write_sep("=", "Diffusers' own tests were NOT run: upstream tests not found")
+        terminalreporter.write_line(f"Diffusers' own suites did not run: {location.reason}.")
+        terminalreporter.write_line("Fetch them (needs git and access to GitHub) with "
+                                    "`python -m diffusers_scorefusion.testing.fetch_diffusers_tests`, or set "
+                                    "SCOREFUSION_DIFFUSERS_TESTS to a Diffusers checkout.")  # fmt: skip
         return
+    source = f"{location.path} ({location.source}, commit {upstream_commit() or 'unknown'})"
     if not getattr(config, "_upstream_results", None) and not getattr(config, "_upstream_ours", None):
+        terminalreporter.write_sep("=", "Diffusers' own tests: none ran in this session")
+        terminalreporter.write_line(f"found at {source}, but no test of tests/diffusers_suite was selected")
         return
     terminalreporter.write_sep("=", "Diffusers' own tests: stock vs fusion")
+    suites = sorted({key.split("::", 1)[0] for key in config._upstream_results})
+    terminalreporter.write_line(f"ran {len(suites)} upstream suites (rows below) from {source}")
     counts = _counts(config)
     for variant, bucket in counts.items():
         terminalreporter.write_line(f"{variant}: " + ", ".join(f"{name} {n}" for name, n in bucket.items()))
