@@ -2,7 +2,8 @@
 
     scorefusion fit --base BASE --unet A --unet B --data DIR --out FUSION_DIR               # Stable Diffusion 1/2, XL
     scorefusion fit --base BASE --transformer A --transformer B --data DIR --out FUSION_DIR # SD3, Flux
-    scorefusion sample --fusion FUSION_DIR --prompt "..." --out samples/
+    scorefusion sample --fusion FUSION_DIR --prompt "..." --out samples/            # or --prompts FILE (one a line)
+    accelerate launch -m diffusers_scorefusion.cli sample ...                        # the images split across GPUs
 
 The kind of base (and so the fusion pipeline and whether members are `--unet`s or `--transformer`s) is read from the
 `_class_name` of the base's `model_index.json` (`BASE_PIPELINES`; other pipelines with a `unet` are taken as Stable
@@ -225,16 +226,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="generate images from a saved fusion")
     sample.add_argument("--fusion", required=True, help="a pipeline folder saved by `scorefusion fit`")
-    sample.add_argument("--prompt", required=True)
+    prompts = sample.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt")
+    prompts.add_argument("--prompts", metavar="FILE", help="a UTF-8 text file with one prompt per line")
     sample.add_argument("--negative-prompt")
-    sample.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
-    sample.add_argument("--num-images", type=int, default=4)
+    sample.add_argument("--out", required=True, help="folder for the PNGs, metadata.jsonl and grid.png")
+    sample.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    sample.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     sample.add_argument("--num-inference-steps", type=int, default=25)
     sample.add_argument("--guidance-scale", type=float, help="default: the pipeline's own")
     sample.add_argument("--height", type=int)
     sample.add_argument("--width", type=int)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default=device)
+    sample.add_argument("--seed", type=int, default=0, help="image i (over all prompts) uses the seed SEED + i")
+    sample.add_argument("--device", help="default: this process's device (accelerate's PartialState)")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     sample.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -320,34 +324,85 @@ def _save_png(image: PIL.Image.Image, path: str) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from diffusers.utils import make_image_grid
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
+    from .pipelines.sampling_utils import read_prompts_file, sample_across_processes, sample_jobs
+
+    if args.device is not None:
+        _check_device(args.device)
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    cpu = (args.device is not None and torch.device(args.device).type == "cpu") or not has_accelerator
+    # one process, or one of those started by `accelerate launch` / `torchrun` (gloo on CPUs)
+    state = PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if args.device is None:
+        args.device = str(state.device)
+    elif state.num_processes > 1 and torch.device(args.device) != state.device:
+        raise ValueError(f"--device {args.device!r}: under {state.num_processes} processes each samples on its own "
+                         f"device ({state.device} for process {state.process_index}); leave --device out")  # fmt: skip
     _check_common(args)
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.num_inference_steps < 1:
-        raise ValueError(f"--num-inference-steps must be >= 1, got {args.num_inference_steps}")
+    for flag in ("num_images", "batch_size", "num_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file; expected a folder for the PNGs")
+    prompts = read_prompts_file(args.prompts) if args.prompts is not None else [args.prompt]
+    jobs = sample_jobs(prompts, args.num_images, args.seed)
     pipeline_class, _ = fusion_pipeline_class(args.fusion, "--fusion")
     pipe = pipeline_class.from_pretrained(args.fusion, **_dtype_kwargs(args.dtype)).to(args.device)
-    pipe.set_progress_bar_config(disable=args.no_progress)
+    # one bar per pipeline call for a single batch; over many, one bar over the images (main process only)
+    pipe.set_progress_bar_config(disable=args.no_progress or not state.is_main_process or len(jobs) > args.batch_size)
     guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-    images = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-        num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
-        generator=torch.Generator().manual_seed(args.seed), **guidance,
-    ).images  # fmt: skip
+    results = sample_across_processes(
+        pipe, prompts, args.num_images, args.seed, args.batch_size, state, progress_bar=not args.no_progress,
+        negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps, height=args.height,
+        width=args.width, **guidance,
+    )  # fmt: skip
+    digits = max(3, len(str(len(jobs) - 1)))
+    names = [f"sample_{job.index:0{digits}d}.png" for job in jobs]
     os.makedirs(args.out, exist_ok=True)
-    for index, image in enumerate(images):
-        _save_png(image, os.path.join(args.out, f"sample_{index:03d}.png"))
-    columns = min(4, len(images))
-    _save_png(
-        make_image_grid(images, rows=-(-len(images) // columns), cols=columns), os.path.join(args.out, "grid.png")
-    )
-    print(f"{len(images)} images and grid.png written to {args.out}", file=sys.stderr)
+    for job, image in results:
+        _save_png(image, os.path.join(args.out, names[job.index]))
+    if state.num_processes > 1:
+        print(f"process {state.process_index} of {state.num_processes}: {len(results)} images", file=sys.stderr)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    _save_text("".join(json.dumps({"file_name": name, "text": job.prompt, "seed": job.seed}) + "\n"
+                       for name, job in zip(names, jobs)), os.path.join(args.out, "metadata.jsonl"))  # fmt: skip
+    shown = []
+    for name in names[:16]:
+        with PIL.Image.open(os.path.join(args.out, name)) as image:
+            shown.append(image.convert("RGB"))
+    columns = min(4, len(shown))
+    _save_png(_make_grid(shown, columns), os.path.join(args.out, "grid.png"))
+    processes = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
+    print(f"{len(jobs)} images ({len(prompts)} prompts x {args.num_images}), metadata.jsonl and grid.png written to "
+          f"{args.out}{processes}", file=sys.stderr)  # fmt: skip
+
+
+def _make_grid(images: List[PIL.Image.Image], columns: int) -> PIL.Image.Image:
+    """`make_image_grid` of `images`, the last row filled with black cells."""
+    from diffusers.utils import make_image_grid
+
+    rows = -(-len(images) // columns)
+    blank = [PIL.Image.new("RGB", images[0].size)] * (rows * columns - len(images))
+    return make_image_grid(images + blank, rows=rows, cols=columns)
+
+
+def _save_text(text: str, path: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -85,7 +85,8 @@ def test_fit_then_sample_from_the_shell(model_folders, tmp_path, capsys):
         ]
     )
     assert status == 0
-    assert sorted(os.listdir(samples)) == ["grid.png", "sample_000.png", "sample_001.png", "sample_002.png"]
+    assert sorted(os.listdir(samples)) == ["grid.png", "metadata.jsonl", "sample_000.png", "sample_001.png",
+                                           "sample_002.png"]  # fmt: skip
     with PIL.Image.open(samples / "grid.png") as grid:
         assert grid.size == (3 * 32, 32)
 

@@ -64,6 +64,6 @@ def test_fit_then_sample_with_transformer_members(family, folders, tmp_path, cap
     argv = ["sample", "--fusion", str(tmp_path / "fusion"), "--prompt", "a cat", "--out", str(samples), "--num-images",
             "2", "--num-inference-steps", "2", "--height", "8", "--width", "8", "--no-progress"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    assert sorted(os.listdir(samples)) == ["grid.png", "sample_000.png", "sample_001.png"]
+    assert sorted(os.listdir(samples)) == ["grid.png", "metadata.jsonl", "sample_000.png", "sample_001.png"]
     with PIL.Image.open(samples / "grid.png") as grid:
         assert grid.size == (2 * 8, 8)

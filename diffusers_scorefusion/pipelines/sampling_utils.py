@@ -1,0 +1,113 @@
+"""Generating many images across processes (`accelerate launch`, `torchrun`) with per-image seeds.
+
+Every image has a global index (prompt `p`, image `j` of `num_images_per_prompt`: index `p * num_images_per_prompt
++ j`) and its own generator, seeded `seed + index`; the images are grouped into batches of `batch_size` in that order
+(a batch may hold several prompts), and the batches are split between the processes with accelerate's
+`PartialState.split_between_processes`. An image therefore does not depend on the number of processes: the same
+batch is computed with the same seeds whichever process runs it, so the outputs of N processes equal those of one
+(with the same `batch_size`, as for any batched sampling).
+"""
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One image to generate: its global `index`, its `prompt` and the `seed` of its generator."""
+
+    index: int
+    prompt: str
+    seed: int
+
+
+def sample_jobs(prompts: Union[str, Sequence[str]], num_images_per_prompt: int = 1, seed: int = 0) -> List[SampleJob]:
+    """The images to generate, in global order, each with the seed `seed + index`."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    return [SampleJob(p * num_images_per_prompt + j, prompt, seed + p * num_images_per_prompt + j)
+            for p, prompt in enumerate(prompts) for j in range(num_images_per_prompt)]  # fmt: skip
+
+
+def batch_jobs(jobs: Sequence[SampleJob], batch_size: int) -> List[List[SampleJob]]:
+    """Consecutive batches of `batch_size` jobs (the last may be shorter)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return [list(jobs[start : start + batch_size]) for start in range(0, len(jobs), batch_size)]
+
+
+def read_prompts_file(path: str) -> List[str]:
+    """The prompts of a UTF-8 text file, one per line (surrounding whitespace stripped, blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            prompts = [line.strip() for line in handle]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompts file {path!r} is not UTF-8 text: {error}") from error
+    prompts = [prompt for prompt in prompts if prompt]
+    if not prompts:
+        raise ValueError(f"prompts file {path!r} holds no prompts; expected one prompt per line")
+    return prompts
+
+
+def sample_across_processes(
+    pipe: Any,
+    prompts: Union[str, Sequence[str]],
+    num_images_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 4,
+    state: Optional[Any] = None,
+    progress_bar: bool = True,
+    **pipeline_kwargs: Any,
+) -> List[Tuple[SampleJob, Any]]:
+    """Generates this process's share of the images; returns `(job, image)` pairs in global order.
+
+    Args:
+        pipe: a Diffusers pipeline taking `prompt`, `generator` and `num_images_per_prompt` (any ScoreFusion or
+            stock text-to-image pipeline), already on this process's device (`state.device`).
+        prompts: one prompt or a list of prompts.
+        num_images_per_prompt: images per prompt.
+        seed: image `index` uses `torch.Generator().manual_seed(seed + index)` (CPU generators, as Diffusers
+            recommends for reproducibility across devices).
+        batch_size: images per pipeline call; results depend on it as batched sampling does, not on the number of
+            processes.
+        state: an `accelerate.PartialState` (default: `PartialState()`, one process unless launched by
+            `accelerate launch` or `torchrun`).
+        progress_bar: a bar over this process's images, on the main process only.
+        **pipeline_kwargs: passed to every call (`num_inference_steps`, `guidance_scale`, `height`, ...); a string
+            `negative_prompt` is used for every image.
+    """
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+    if "generator" in pipeline_kwargs or "prompt" in pipeline_kwargs or "num_images_per_prompt" in pipeline_kwargs:
+        raise ValueError("prompt, generator and num_images_per_prompt are set per image by sample_across_processes; "
+                         f"got them in pipeline_kwargs: {sorted(pipeline_kwargs)}")  # fmt: skip
+    batches = batch_jobs(sample_jobs(prompts, num_images_per_prompt, seed), batch_size)
+    negative = pipeline_kwargs.pop("negative_prompt", None)
+    if negative is not None and not isinstance(negative, str):
+        raise TypeError(f"negative_prompt must be one string (used for every image) or None, got {negative!r}")
+    results: List[Tuple[SampleJob, Any]] = []
+    with state.split_between_processes(batches) as mine:
+        bar = tqdm(total=sum(len(batch) for batch in mine), unit="image",
+                   disable=not (progress_bar and state.is_main_process))  # fmt: skip
+        for batch in mine:
+            kwargs = dict(pipeline_kwargs)
+            if negative is not None:
+                kwargs["negative_prompt"] = [negative] * len(batch)
+            images = pipe(
+                prompt=[job.prompt for job in batch], num_images_per_prompt=1,
+                generator=[torch.Generator().manual_seed(job.seed) for job in batch], **kwargs,
+            ).images  # fmt: skip
+            results.extend(zip(batch, images))
+            bar.update(len(batch))
+        bar.close()
+    return results
