@@ -250,7 +250,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
         return
     terminalreporter.write_sep("=", "Diffusers' own tests: stock vs fusion")
     suites = sorted({key.split("::", 1)[0] for key in config._upstream_results})
-    terminalreporter.write_line(f"ran {len(suites)} upstream suites (rows below) from {source}")
+    plural = "s" * (len(suites) != 1)
+    terminalreporter.write_line(f"ran {len(suites)} upstream suite{plural} (rows below) from {source}")
     counts = _counts(config)
     for variant, bucket in counts.items():
         terminalreporter.write_line(f"{variant}: " + ", ".join(f"{name} {n}" for name, n in bucket.items()))
