@@ -1,8 +1,8 @@
 """Upstream tests that pass on the stock pipeline and are not run on the fusion, each with its reason.
 
 Allowed only where passing would break a promise of this package (never unpickling, never running code from a config)
-or where the test inspects a single UNet's internals. README.md lists them; the test of ours named beside each checks
-the behaviour it stands for.
+or where the test inspects a single UNet's internals. docs/works-like-diffusers.md lists them; the test of ours named
+beside each checks the behaviour it stands for.
 """
 
 import fnmatch
