@@ -1,5 +1,6 @@
-"""The harness that runs Diffusers' own fast pipeline tests against the fusion (see upstream.py and docs/works-like-
-diffusers.md): a pytest plugin that tests/conftest.py loads in every process, the pytest-xdist controller included.
+"""The harness that runs Diffusers' own fast pipeline tests against the fusion (see upstream.py and
+docs/works-like-diffusers.md): a pytest plugin that tests/conftest.py loads in every process, the pytest-xdist
+controller included.
 
 Per upstream test it records the stock result (from the committed baseline of the installed Diffusers version, or
 rerun with `--upstream-stock`) and the fusion results, and prints the table at the end. A fusion test whose stock
