@@ -175,3 +175,14 @@ def test_the_test_summary_says_where_the_suites_were_found(tmp_path):
     output = _pytest_summary(tmp_path, str(tmp_path / "checkout"))
     assert "Diffusers' own tests: none ran in this session" in output
     assert f"found at {tmp_path}/checkout/tests ($SCOREFUSION_DIFFUSERS_TESTS, commit abc123)" in output
+
+
+def test_a_git_that_hangs_is_stopped_by_the_timeout(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "git"
+    _write(str(fake), "#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    start = time.monotonic()
+    tests, message = fetch_diffusers_tests(VERSION, str(tmp_path / "cache"), repository="file:///x", timeout=1)
+    assert time.monotonic() - start < 10
+    assert tests is None and message == "Diffusers' tests were not fetched: git took longer than 1 s (v0.42.1 of file:///x)"
