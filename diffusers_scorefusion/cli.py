@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -312,22 +311,11 @@ def _fit(args: argparse.Namespace) -> None:
           f"{', '.join(f'{v:.6f}' for v in result.per_model_loss.tolist())}); saved to {args.out}")  # fmt: skip
 
 
-def _save_png(image: PIL.Image.Image, path: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
-    os.close(handle)
-    try:
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def _sample(args: argparse.Namespace) -> None:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from .pipelines.sampling_utils import read_prompts_file, sample_across_processes, sample_jobs
+    from .pipelines.sampling_utils import read_prompts_file, sample_across_processes, sample_jobs, save_samples
 
     if args.device is not None:
         _check_device(args.device)
@@ -361,48 +349,13 @@ def _sample(args: argparse.Namespace) -> None:
         negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps, height=args.height,
         width=args.width, **guidance,
     )  # fmt: skip
-    digits = max(3, len(str(len(jobs) - 1)))
-    names = [f"sample_{job.index:0{digits}d}.png" for job in jobs]
-    os.makedirs(args.out, exist_ok=True)
-    for job, image in results:
-        _save_png(image, os.path.join(args.out, names[job.index]))
+    names = save_samples(args.out, jobs, results, state)
     if state.num_processes > 1:
         print(f"process {state.process_index} of {state.num_processes}: {len(results)} images", file=sys.stderr)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return
-    _save_text("".join(json.dumps({"file_name": name, "text": job.prompt, "seed": job.seed}) + "\n"
-                       for name, job in zip(names, jobs)), os.path.join(args.out, "metadata.jsonl"))  # fmt: skip
-    shown = []
-    for name in names[:16]:
-        with PIL.Image.open(os.path.join(args.out, name)) as image:
-            shown.append(image.convert("RGB"))
-    columns = min(4, len(shown))
-    _save_png(_make_grid(shown, columns), os.path.join(args.out, "grid.png"))
-    processes = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
-    print(f"{len(jobs)} images ({len(prompts)} prompts x {args.num_images}), metadata.jsonl and grid.png written to "
-          f"{args.out}{processes}", file=sys.stderr)  # fmt: skip
-
-
-def _make_grid(images: List[PIL.Image.Image], columns: int) -> PIL.Image.Image:
-    """`make_image_grid` of `images`, the last row filled with black cells."""
-    from diffusers.utils import make_image_grid
-
-    rows = -(-len(images) // columns)
-    blank = [PIL.Image.new("RGB", images[0].size)] * (rows * columns - len(images))
-    return make_image_grid(images + blank, rows=rows, cols=columns)
-
-
-def _save_text(text: str, path: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    if state.is_main_process:
+        processes = f" by {state.num_processes} processes" if state.num_processes > 1 else ""
+        print(f"{len(names)} images ({len(prompts)} prompts x {args.num_images}), metadata.jsonl and grid.png written "
+              f"to {args.out}{processes}", file=sys.stderr)  # fmt: skip
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

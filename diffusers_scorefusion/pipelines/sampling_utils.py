@@ -8,11 +8,17 @@ batch is computed with the same seeds whichever process runs it, so the outputs 
 (with the same `batch_size`, as for any batched sampling).
 """
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
+import PIL.Image
 import torch
 from tqdm.auto import tqdm
+
+GRID_SIZE = 16  # images shown in grid.png
 
 
 @dataclass(frozen=True)
@@ -111,3 +117,55 @@ def sample_across_processes(
             bar.update(len(batch))
         bar.close()
     return results
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Writes `path` through a temporary file in its folder, renamed into place (no half-written file is left)."""
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _grid(images: List[PIL.Image.Image], columns: int = 4) -> PIL.Image.Image:
+    """`make_image_grid` of `images`, the last row filled with black cells."""
+    from diffusers.utils import make_image_grid
+
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    blank = [PIL.Image.new("RGB", images[0].size)] * (rows * columns - len(images))
+    return make_image_grid(images + blank, rows=rows, cols=columns)
+
+
+def save_samples(
+    out_dir: str, jobs: Sequence[SampleJob], results: Sequence[Tuple[SampleJob, Any]], state: Any
+) -> List[str]:
+    """Writes this process's images as `sample_NNN.png` into `out_dir`; once every process is done, the main process
+    writes `metadata.jsonl` (`file_name`, `text`, `seed` of every image: the captioned-folder layout
+    `scorefusion fit --data` reads) and `grid.png` (the first 16 images). Returns every image's file name."""
+    digits = max(3, len(str(len(jobs) - 1)))
+    names = [f"sample_{job.index:0{digits}d}.png" for job in jobs]
+    os.makedirs(out_dir, exist_ok=True)
+    for job, image in results:
+        _write_atomically(os.path.join(out_dir, names[job.index]), lambda path: image.save(path, format="PNG"))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        lines = "".join(json.dumps({"file_name": name, "text": job.prompt, "seed": job.seed}) + "\n"
+                        for name, job in zip(names, jobs))  # fmt: skip
+        _write_atomically(os.path.join(out_dir, "metadata.jsonl"), lambda path: _write_text(path, lines))
+        shown = []
+        for name in names[:GRID_SIZE]:
+            with PIL.Image.open(os.path.join(out_dir, name)) as image:
+                shown.append(image.convert("RGB"))
+        _write_atomically(os.path.join(out_dir, "grid.png"), lambda path: _grid(shown).save(path, format="PNG"))
+    return names
