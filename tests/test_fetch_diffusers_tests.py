@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -169,12 +170,29 @@ def test_the_test_summary_says_when_the_suites_did_not_run_and_why(tmp_path):
     assert "python -m diffusers_scorefusion.testing.fetch_diffusers_tests" in output
 
 
-def test_the_test_summary_says_where_the_suites_were_found(tmp_path):
+def test_the_test_summary_says_where_the_suites_were_found(tmp_path, monkeypatch):
+    import upstream_harness  # tests/diffusers_suite, on sys.path (tests/conftest.py)
+
     _write(str(tmp_path / "checkout" / "tests" / MARKER))
     _write(str(tmp_path / "checkout" / "FETCHED.json"), json.dumps({"commit": "abc123"}))
-    output = _pytest_summary(tmp_path, str(tmp_path / "checkout"))
-    assert "Diffusers' own tests: none ran in this session" in output
-    assert f"found at {tmp_path}/checkout/tests ($SCOREFUSION_DIFFUSERS_TESTS, commit abc123)" in output
+    monkeypatch.setenv(fetch.ENV_VARIABLE, str(tmp_path / "checkout"))
+
+    class Reporter:
+        lines = []
+
+        def write_sep(self, separator, text):
+            self.lines.append(text)
+
+        def write_line(self, text):
+            self.lines.append(text)
+
+    reporter = Reporter()
+    upstream_harness.pytest_terminal_summary(reporter, SimpleNamespace())  # a session that selected none of them
+    assert reporter.lines == [
+        "Diffusers' own tests: none ran in this session",
+        f"found at {tmp_path}/checkout/tests ($SCOREFUSION_DIFFUSERS_TESTS, commit abc123), but no test of "
+        "tests/diffusers_suite was selected",
+    ]
 
 
 def test_a_git_that_hangs_is_stopped_by_the_timeout(tmp_path, monkeypatch):
