@@ -312,23 +312,11 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    from .pipelines.sampling_utils import read_prompts_file, sample_across_processes, sample_jobs, save_samples
+    from .pipelines import sampling_utils as sampling
 
     if args.device is not None:
         _check_device(args.device)
-    accelerator = getattr(torch, "accelerator", None)
-    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-    cpu = (args.device is not None and torch.device(args.device).type == "cpu") or not has_accelerator
-    # one process, or one of those started by `accelerate launch` / `torchrun` (gloo on CPUs)
-    state = PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if args.device is None:
-        args.device = str(state.device)
-    elif state.num_processes > 1 and torch.device(args.device) != state.device:
-        raise ValueError(f"--device {args.device!r}: under {state.num_processes} processes each samples on its own "
-                         f"device ({state.device} for process {state.process_index}); leave --device out")  # fmt: skip
+    state, args.device = sampling.process_state(args.device)  # one process, or one of `accelerate launch`'s
     _check_common(args)
     for flag in ("num_images", "batch_size", "num_inference_steps"):
         if getattr(args, flag) < 1:
@@ -337,19 +325,19 @@ def _sample(args: argparse.Namespace) -> None:
         raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file; expected a folder for the PNGs")
-    prompts = read_prompts_file(args.prompts) if args.prompts is not None else [args.prompt]
-    jobs = sample_jobs(prompts, args.num_images, args.seed)
+    prompts = sampling.read_prompts_file(args.prompts) if args.prompts is not None else [args.prompt]
+    jobs = sampling.sample_jobs(prompts, args.num_images, args.seed)
     pipeline_class, _ = fusion_pipeline_class(args.fusion, "--fusion")
     pipe = pipeline_class.from_pretrained(args.fusion, **_dtype_kwargs(args.dtype)).to(args.device)
     # one bar per pipeline call for a single batch; over many, one bar over the images (main process only)
     pipe.set_progress_bar_config(disable=args.no_progress or not state.is_main_process or len(jobs) > args.batch_size)
     guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-    results = sample_across_processes(
+    results = sampling.sample_across_processes(
         pipe, prompts, args.num_images, args.seed, args.batch_size, state, progress_bar=not args.no_progress,
         negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps, height=args.height,
         width=args.width, **guidance,
     )  # fmt: skip
-    names = save_samples(args.out, jobs, results, state)
+    names = sampling.save_samples(args.out, jobs, results, state)
     if state.num_processes > 1:
         print(f"process {state.process_index} of {state.num_processes}: {len(results)} images", file=sys.stderr)
     if state.is_main_process:

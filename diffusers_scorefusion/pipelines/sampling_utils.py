@@ -50,6 +50,29 @@ def batch_jobs(jobs: Sequence[SampleJob], batch_size: int) -> List[List[SampleJo
     return [list(jobs[start : start + batch_size]) for start in range(0, len(jobs), batch_size)]
 
 
+def process_state(device: Optional[str] = None) -> Tuple[Any, str]:
+    """This process's `accelerate.PartialState` and the device it samples on.
+
+    `device=None` gives the process's own device (`state.device`: `cuda:<local rank>` under `accelerate launch`). On a
+    machine without an accelerator, for `device="cpu"` or under `accelerate launch --cpu`, the processes that
+    `torchrun` starts join over gloo (`PartialState(cpu=True)`). Under several processes an explicit `device` must be
+    the process's own.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    cpu = (device is not None and torch.device(device).type == "cpu") or not has_accelerator
+    state = PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if device is None:
+        return state, str(state.device)
+    if state.num_processes > 1 and torch.device(device) != state.device:
+        raise ValueError(f"device {device!r}: under {state.num_processes} processes each samples on its own device "
+                         f"({state.device} for process {state.process_index}); leave the device out")  # fmt: skip
+    return state, device
+
+
 def read_prompts_file(path: str) -> List[str]:
     """The prompts of a UTF-8 text file, one per line (surrounding whitespace stripped, blank lines skipped)."""
     try:
