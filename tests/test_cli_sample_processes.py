@@ -151,3 +151,11 @@ def test_prompts_file_is_read_one_prompt_per_line(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="is not UTF-8 text"):
         read_prompts_file(str(tmp_path / "bad.txt"))
+
+
+def test_process_state_of_a_single_cpu_process():
+    from diffusers_scorefusion.pipelines.sampling_utils import process_state
+
+    state, device = process_state()
+    assert (state.num_processes, state.process_index, device) == (1, 0, str(state.device))
+    assert process_state("cpu")[1] == "cpu"
