@@ -32,10 +32,12 @@ def save_lora_folders(base, folder, specs=UNET_LORAS, seed=10):
     for i, (rank, alpha, targets) in enumerate(specs):
         model = random_adapter(base, seed + i, rank, alpha, targets)
         layers = get_peft_model_state_dict(model)
-        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in model.peft_config["default"].to_dict().items()}
+        config = model.peft_config["default"].to_dict()
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         path = str(folder / f"lora_{i}")
         if type(base).__name__.startswith("UNet"):
-            StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+            StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers,
+                                                      unet_lora_adapter_metadata=metadata)  # fmt: skip
         else:
             FluxPipeline.save_lora_weights(path, transformer_lora_layers=layers,
                                            transformer_lora_adapter_metadata=metadata)  # fmt: skip

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _bake_loras import FLUX_LORAS, save_lora_folders
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffusers_scorefusion import FusedTransformer, FusedUNet
@@ -14,8 +15,6 @@ from diffusers_scorefusion.baking import merge_lora, save_merged_lora
 from diffusers_scorefusion.fusion.merge_utils import lora_delta
 from diffusers_scorefusion.testing.transformer_parts import get_dummy_flux_components
 from diffusers_scorefusion.testing.unet_parts import get_dummy_unet, get_dummy_xl_components, get_dummy_xl_unet
-
-from _bake_loras import FLUX_LORAS, save_lora_folders
 
 WEIGHTS = [0.5, 0.2, 0.3]
 SD_CALL = dict(prompt="a photo", num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="np")

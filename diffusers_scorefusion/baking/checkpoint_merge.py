@@ -72,11 +72,12 @@ def merge_checkpoints(fused: nn.Module, weights: Optional[WeightsLike] = None, r
 
 
 def stock_pipeline_class(pipe: Any) -> type:
-    """The Diffusers pipeline class a ScoreFusion pipeline extends (`ScoreFusionPipeline` -> `StableDiffusionPipeline`)."""
+    """The Diffusers pipeline class a ScoreFusion pipeline extends (e.g. `StableDiffusionPipeline`)."""
     from diffusers import DiffusionPipeline
 
     for cls in type(pipe).__mro__:
-        if cls.__module__.startswith("diffusers.") and issubclass(cls, DiffusionPipeline) and cls is not DiffusionPipeline:
+        stock = cls.__module__.startswith("diffusers.") and issubclass(cls, DiffusionPipeline)
+        if stock and cls is not DiffusionPipeline:
             return cls
     raise TypeError(f"{type(pipe).__name__} extends no Diffusers pipeline class")
 

@@ -146,8 +146,8 @@ def fusion_weights_row(
         hint = "or bake the table into the k adapters with bake_lora_schedule" if lora else "full fine-tunes cannot " \
             "switch weights per step at the cost of one model"
         raise ValueError(
-            f"the fusion weights are a table over {table.shape[0]} timestep bins, which one merged model cannot follow: "
-            f"pass row= (the bin whose weights to merge); {hint}"
+            f"the fusion weights are a table over {table.shape[0]} timestep bins, which one merged model cannot "
+            f"follow: pass row= (the bin whose weights to merge); {hint}"
         )
     if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < table.shape[0]:
         raise ValueError(f"row must be an integer from 0 to {table.shape[0] - 1}, got {row!r}")

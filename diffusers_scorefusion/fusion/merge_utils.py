@@ -55,7 +55,8 @@ def concatenate_lora_factors(
             lora_A = template_A.new_zeros(ranks[i], *template_A.shape[1:])
             lora_B = template_B.new_zeros(template_B.shape[0], ranks[i], *template_B.shape[2:])
         elif lora_A.shape[0] != ranks[i] or lora_B.shape[1] != ranks[i]:
-            raise ValueError(f"member {i}: rank {ranks[i]} expected, got A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}")
+            shapes = f"A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}"
+            raise ValueError(f"member {i}: factors of rank {ranks[i]} expected, got {shapes}")
         blocks_A.append(lora_A)
         blocks_B.append(lora_B * coefficients[i])
     return torch.cat(blocks_A, dim=0), torch.cat(blocks_B, dim=1)  # (R, in, ...), (out, R, ...)
