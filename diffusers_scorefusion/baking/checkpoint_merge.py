@@ -4,6 +4,7 @@
 import os
 from typing import Any, List, Optional, Union
 
+import torch
 from torch import nn
 
 from ..fusion.fusion_utils import WeightsLike
@@ -68,7 +69,10 @@ def merge_checkpoints(fused: nn.Module, weights: Optional[WeightsLike] = None, r
     model = type(first).from_config(first.config)
     model.load_state_dict(state_dict)
     parameter = next(first.parameters())
-    return model.to(device=parameter.device, dtype=parameter.dtype).eval()
+    model.to(parameter.device)
+    if parameter.dtype != torch.float32:
+        model.to(parameter.dtype)
+    return model.eval()
 
 
 def stock_pipeline_class(pipe: Any) -> type:
@@ -106,7 +110,7 @@ def save_merged_checkpoint(
         denoiser = getattr(pipeline, "fused_component", "unet")
         expected, optional = stock._get_signature_keys(stock)
         components = {**pipeline.components, denoiser: model}
-        stock_pipe = stock(**{key: value for key, value in components.items() if key in expected | optional})
+        stock_pipe = stock(**{key: value for key, value in components.items() if key in set(expected) | set(optional)})
         entries = ["model_index.json", denoiser]
 
         def write(staging: str) -> None:
