@@ -55,15 +55,17 @@ def test_merged_checkpoint_is_the_weighted_parameter_sum_and_a_stock_pipeline(tm
 def test_merged_checkpoint_refusals_write_nothing(tmp_path):
     out = tmp_path / "out"
     other = FusedUNet([get_dummy_unet(0), get_dummy_unet(1, layers_per_block=2)])
-    with pytest.raises(ValueError, match=r"do not share one architecture: parameter 'up_blocks.0.resnets.1.norm1.weight'"
-                                         r" has shape \(96,\) in member 0 and \(128,\) in member 1"):
+    with pytest.raises(ValueError, match=r"do not share one architecture: parameter "
+                                         r"'up_blocks.0.resnets.1.norm1.weight' has shape \(96,\) in member 0 and "
+                                         r"\(128,\) in member 1"):
         merge_checkpoints(other)
     deeper = FusedUNet([get_dummy_unet(0), get_dummy_unet(1, down_block_types=("DownBlock2D", "DownBlock2D"))])
     with pytest.raises(ValueError, match="member 0 has parameter 'down_blocks.1.attentions.0.norm.weight' "
                                          r"\(64,\), member 1 has none"):
         merge_checkpoints(deeper)
     heads = FusedUNet([get_dummy_unet(0), get_dummy_unet(1, attention_head_dim=(2, 8))])  # same shapes
-    with pytest.raises(ValueError, match=r"config 'attention_head_dim' is \[2, 4\] in member 0 and \[2, 8\] in member 1"):
+    with pytest.raises(ValueError, match=r"config 'attention_head_dim' is \[2, 4\] in member 0 and \[2, 8\] in "
+                                         "member 1"):
         merge_checkpoints(heads)
     table = FusedUNet([get_dummy_unet(0), get_dummy_unet(1)], weights=[[1.0, 0.0], [0.25, 0.75]],
                       timestep_bin_edges=[0, 500, 1000])  # fmt: skip
