@@ -16,7 +16,6 @@ import argparse
 import inspect
 import json
 import os
-import sys
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -168,7 +167,7 @@ def bake(args: argparse.Namespace) -> None:
     record: Dict[str, Any] = {"method": args.method, "fusion": os.path.abspath(args.fusion)}
     if args.method == "distill":
         what = _save_distilled(_distill(pipe, images, prompts, args, lora), pipe, args, record)
-        print(f"baked {what} into {args.out}", file=sys.stderr)
+        print(f"baked {what} into {args.out}")
         return
     weights = None
     if args.method == "merge-refit":
@@ -176,8 +175,7 @@ def bake(args: argparse.Namespace) -> None:
         record.update(extra)
     if lora and table and args.row is None and weights is None:
         baking.save_lora_schedule(baking.bake_lora_schedule(fused), out)
-        print(f"baked the {fused.config.num_members} adapters and their weight schedule into {args.out}",
-              file=sys.stderr)  # fmt: skip
+        print(f"baked the {fused.config.num_members} adapters and their weight schedule into {args.out}")
         return
     if lora:
         merged = baking.merge_lora(fused, weights=weights, rank=args.rank, row=args.row)

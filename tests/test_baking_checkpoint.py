@@ -138,3 +138,27 @@ def test_adapter_schedule_equals_the_per_bin_merged_models(tmp_path):
     schedule.prepare(pipe, CALL["num_inference_steps"])
     without = images(pipe)  # the first bin's weights throughout
     assert np.abs(without - expected).max() > 1e-3
+
+
+def test_merged_flux_checkpoint_is_the_stock_flux_pipeline(tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from diffusers_scorefusion import FusedTransformer, ScoreFusionFluxPipeline
+    from diffusers_scorefusion.testing.transformer_parts import get_dummy_flux_components, get_dummy_flux_transformer
+
+    components = get_dummy_flux_components()
+    members = [get_dummy_flux_transformer(seed) for seed in (1, 2)]
+    fused = FusedTransformer(members, weights=[0.25, 0.75])
+    model = merge_checkpoints(fused)
+    assert type(model) is FluxTransformer2DModel
+    for name, value in model.state_dict().items():
+        expected = 0.25 * members[0].state_dict()[name] + 0.75 * members[1].state_dict()[name]
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-6)
+    save_merged_checkpoint(model, tmp_path / "pipe", pipeline=ScoreFusionFluxPipeline(**{**components,
+                                                                                        "transformer": fused}))
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipe) is FluxPipeline and type(pipe.transformer) is FluxTransformer2DModel
+    call = dict(prompt="a photo", num_inference_steps=2, height=16, width=16, output_type="np", max_sequence_length=16)
+    stock = FluxPipeline(**{**components, "transformer": model})
+    np.testing.assert_allclose(pipe(**call, generator=torch.Generator().manual_seed(0)).images,
+                               stock(**call, generator=torch.Generator().manual_seed(0)).images, atol=1e-5)

@@ -120,3 +120,36 @@ def test_one_hot_weights_give_that_member_exactly(tmp_path):
             expected = module.get_delta_weight("member_1")
             actual = lora_delta(merged.state_dict[f"{name}.lora_A.weight"], merged.state_dict[f"{name}.lora_B.weight"])
             torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_flux_adapter_schedule_uses_the_transformers_timestep_units(tmp_path):
+    """Flux's pipeline passes timestep / 1000: the schedule's bins must be read in those units, as the fusion's."""
+    from diffusers_scorefusion.baking import bake_lora_schedule, load_lora_schedule, save_lora_schedule
+
+    components = get_dummy_flux_components()
+    base = components["transformer"]
+    folders = save_lora_folders(base, tmp_path, specs=FLUX_LORAS)
+    table, edges = [[0.6, 0.1, 0.3], [0.1, 0.7, 0.2]], [0.0, 0.6, 1.0]  # 4 steps: sigma 1, .75 | .5, .25
+    fused = FusedTransformer.from_lora(copy.deepcopy(base), folders)
+    fused.set_weights(table, timestep_bin_edges=edges)
+    save_lora_schedule(bake_lora_schedule(fused), tmp_path / "baked")
+    per_bin = []
+    for row in table:
+        model = copy.deepcopy(base)
+        for i, folder in enumerate(folders):
+            model.load_lora_adapter(folder, prefix="transformer", adapter_name=f"m{i}", use_safetensors=True)
+        model.set_adapters(["m0", "m1", "m2"], weights=row)
+        model.fuse_lora(adapter_names=["m0", "m1", "m2"])
+        model.unload_lora()
+        per_bin.append(model)
+    counterpart = FusedTransformer(per_bin, weights=[[1.0, 0.0], [0.0, 1.0]], timestep_bin_edges=edges)
+    call = dict(prompt="a photo", num_inference_steps=4, guidance_scale=3.5, height=16, width=16, output_type="np",
+                max_sequence_length=16)  # fmt: skip
+    expected = images(FluxPipeline(**{**components, "transformer": counterpart}), call)
+    pipe = FluxPipeline(**{**components, "transformer": copy.deepcopy(base)})
+    schedule = load_lora_schedule(pipe, tmp_path / "baked")
+    assert schedule.config.timestep_scale == pytest.approx(1e-3)
+    schedule.prepare(pipe, 4)
+    np.testing.assert_allclose(images(pipe, {**call, "callback_on_step_end": schedule}), expected, atol=2e-5)
+    schedule.prepare(pipe, 4)
+    assert np.abs(images(pipe, call) - expected).max() > 1e-4

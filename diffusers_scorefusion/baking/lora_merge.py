@@ -33,6 +33,7 @@ class MergedLora:
         relative_errors (`dict[str, float]`, *optional*): with `rank=`, ``||delta - delta_rank||_F / ||delta||_F``
             per adapted layer; `None` for the exact merge.
         base_class (`str`): the class of the base model the LoRA belongs to.
+        record (`dict`): anything else to note in `bake.json` (e.g. how the weights were obtained).
     """
 
     state_dict: Dict[str, torch.Tensor]
