@@ -100,23 +100,31 @@ def _entries(args: argparse.Namespace, lora: bool, table: bool, num_members: int
     return ["model_index.json", *components]
 
 
-def _refit(pipe: Any, images: List[Any], prompts: List[str], args: argparse.Namespace) -> Tuple[Any, Dict]:
-    from .fitting import weight_fitting
+def _check_available(method: str) -> None:
+    """Refuses, before any work, a method whose implementation this installation lacks."""
+    if method == "merge-refit":
+        from .fitting import weight_fitting
 
-    if "target" not in inspect.signature(weight_fitting.fit_weights).parameters:
-        raise ValueError("--method merge-refit needs fit_weights(..., target='merge'), which this installation of "
-                         "diffusers-scorefusion lacks")  # fmt: skip
+        if "target" not in inspect.signature(weight_fitting.fit_weights).parameters:
+            raise ValueError("--method merge-refit needs fit_weights(..., target='merge'), which this installation "
+                             "of diffusers-scorefusion lacks")  # fmt: skip
+    if method == "distill":
+        try:
+            from .baking.distillation import distill  # noqa: F401
+        except ImportError as error:
+            raise ValueError(f"--method distill needs diffusers_scorefusion.baking.distillation, which this "
+                             f"installation lacks ({error})") from error  # fmt: skip
+
+
+def _refit(pipe: Any, images: List[Any], prompts: List[str], args: argparse.Namespace) -> Tuple[Any, Dict]:
     result = pipe.fit_weights(images, prompts, target="merge", set_weights=False, progress_bar=not args.no_progress,
                               generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     return result.weights, {"method": "merge-refit", "provenance": getattr(result, "provenance", None)}
 
 
 def _distill(pipe: Any, images: List[Any], prompts: List[str], args: argparse.Namespace, lora: bool) -> Any:
-    try:
-        from .baking.distillation import distill
-    except ImportError as error:
-        raise ValueError(f"--method distill needs diffusers_scorefusion.baking.distillation, which this installation "
-                         f"lacks ({error})") from error  # fmt: skip
+    from .baking.distillation import distill
+
     latents, prompt_embeds, computed = pipe._fitting_inputs(images, prompts, None, None, {})
     options = {"rank": args.rank} if args.rank is not None else {}
     return distill(pipe.fusion_model, pipe.scheduler, latents, student="lora" if lora else "merged",
@@ -160,6 +168,7 @@ def bake(args: argparse.Namespace) -> None:
     out = os.path.abspath(args.out)
     check_bake_target(out, _entries(args, lora, table, num_members, index))
     images, prompts = (read_image_folder(args.data)[:2]) if args.data is not None else (None, None)
+    _check_available(args.method)
     pipeline_class, _ = fusion_pipeline_class(args.fusion, "--fusion")
     pipe = pipeline_class.from_pretrained(args.fusion, **_dtype_kwargs(args.dtype)).to(args.device)
     pipe.set_progress_bar_config(disable=args.no_progress)
