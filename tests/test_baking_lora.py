@@ -153,3 +153,38 @@ def test_flux_adapter_schedule_uses_the_transformers_timestep_units(tmp_path):
     np.testing.assert_allclose(images(pipe, {**call, "callback_on_step_end": schedule}), expected, atol=2e-5)
     schedule.prepare(pipe, 4)
     assert np.abs(images(pipe, call) - expected).max() > 1e-4
+
+
+def test_merged_delta_is_the_weighted_sum_of_peft_deltas_with_rank_patterns(tmp_path):
+    """Every layer: merged delta == sum_i lambda_i * PEFT's own get_delta_weight(adapter_i), for members whose rank
+    varies by layer (rank_pattern) and that adapt different layers."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = get_dummy_unet(0)
+    loras = []
+    for seed, config in ((0, dict(r=2, lora_alpha=3, target_modules=["to_q", "to_k"], rank_pattern={"to_k": 5})),
+                         (1, dict(r=4, lora_alpha=4, target_modules=["to_k", "conv1"], alpha_pattern={"conv1": 1}))):
+        torch.manual_seed(seed)
+        model = copy.deepcopy(base)
+        model.add_adapter(LoraConfig(init_lora_weights=False, **config))
+        stored = model.peft_config["default"].to_dict()
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in stored.items()}
+        path = tmp_path / str(seed)
+        StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=get_peft_model_state_dict(model),
+                                                  unet_lora_adapter_metadata=metadata)  # fmt: skip
+        loras.append(str(path))
+    fused = FusedUNet.from_lora(copy.deepcopy(base), loras, weights=[0.4, 0.6])
+    merged = merge_lora(fused)
+    assert merged.rank == 5 + 4  # each member's widest rank
+    shared = fused.unets[0].base
+    checked = 0
+    for name, module in shared.named_modules():
+        if not hasattr(module, "get_delta_weight") or not any(a in module.lora_A for a in ("member_0", "member_1")):
+            continue
+        expected = sum(w * module.get_delta_weight(a) for w, a in ((0.4, "member_0"), (0.6, "member_1"))
+                       if a in module.lora_A)  # fmt: skip
+        actual = lora_delta(merged.state_dict[f"{name}.lora_A.weight"], merged.state_dict[f"{name}.lora_B.weight"])
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+        checked += 1
+    assert checked == len({key.rsplit(".lora_", 1)[0] for key in merged.state_dict}) > 0
