@@ -4,6 +4,7 @@
     scorefusion fit --base BASE --transformer A --transformer B --data DIR --out FUSION_DIR # SD3, Flux
     scorefusion sample --fusion FUSION_DIR --prompt "..." --out samples/            # or --prompts FILE (one a line)
     accelerate launch -m diffusers_scorefusion.cli sample ...                        # the images split across GPUs
+    scorefusion bake --fusion FUSION_DIR --out DIR --method merge   # one model, one forward per step (cli_bake.py)
 
 The kind of base (and so the fusion pipeline and whether members are `--unet`s or `--transformer`s) is read from the
 `_class_name` of the base's `model_index.json` (`BASE_PIPELINES`; other pipelines with a `unet` are taken as Stable
@@ -240,6 +241,10 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", help="default: this process's device (accelerate's PartialState)")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     sample.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    from .cli_bake import add_bake_parser
+
+    add_bake_parser(commands, device)
     return parser
 
 
@@ -350,7 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `scorefusion` console script; returns the exit status (2 for bad input)."""
     args = _parser().parse_args(argv)
     try:
-        _fit(args) if args.command == "fit" else _sample(args)
+        from .cli_bake import bake
+
+        {"fit": _fit, "sample": _sample, "bake": bake}[args.command](args)
     except (ValueError, TypeError, OSError) as error:
         print(f"scorefusion {args.command}: error: {error}", file=sys.stderr)
         return 2
