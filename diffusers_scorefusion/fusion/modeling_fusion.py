@@ -6,6 +6,7 @@ forward that skips members whose weight is 0, member placement, and helpers forw
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -59,6 +60,24 @@ def replace_first_field(output: Any, value: torch.Tensor) -> Any:
     return (value, *tuple(output)[1:])
 
 
+@dataclass
+class MemberPredictions:
+    """One fused forward's per-member predictions, for sampler hooks such as [`FeynmanKacCorrector`].
+
+    Args:
+        predictions (`tuple[torch.Tensor]`): the run members' predictions in the fused parameterisation, each
+            `(B, ...)` (the tensors the forward combined, not copies).
+        weights (`torch.Tensor`): the weights they were combined with, `(len(members),)` or `(B, len(members))`.
+        members (`tuple[int]`): the indices of the members run (members whose weight was 0 are not run).
+        timestep (`torch.Tensor`): the timestep of the call.
+    """
+
+    predictions: Tuple[torch.Tensor, ...]
+    weights: torch.Tensor
+    members: Tuple[int, ...]
+    timestep: torch.Tensor
+
+
 class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
     r"""
     The fusion core shared by [`FusedUNet`] and the other fused denoisers.
@@ -74,6 +93,9 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
     members_attribute = "members_list"
     # Weights for the current call only (`override_weights`), or `None`.
     _weights_override: Optional[torch.Tensor] = None
+    # The last forward's per-member predictions while `capture_member_predictions` is on; `None` (nothing kept) off.
+    last_member_predictions: Optional[MemberPredictions] = None
+    _capturing_member_predictions: bool = False
 
     # Config entries every fusion registers itself; a subclass adds its own in `own_config_keys`.
     base_config_keys = ("num_members", "weights", "timestep_bin_edges", "weights_provenance")
@@ -189,7 +211,26 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
             first_output = output if first_output is None else first_output
             prediction = output[0]
             predictions.append(prediction if convert is None else convert(i, prediction))
+        if self._capturing_member_predictions:
+            self.last_member_predictions = MemberPredictions(
+                tuple(predictions), weights[..., active], tuple(active.nonzero().flatten().tolist()),
+                torch.as_tensor(timestep).detach(),
+            )  # fmt: skip
         return first_output, combine_predictions(predictions, weights[..., active])
+
+    @contextlib.contextmanager
+    def capture_member_predictions(self) -> Iterator[None]:
+        """Inside the `with` block every forward stores its per-member predictions and weights in
+        `last_member_predictions` (a [`MemberPredictions`]: references, no copies; no extra member forwards); on
+        exit the last one is dropped. Off by default. Used by [`FeynmanKacCorrector`]: wrap the pipeline call."""
+        previous = self._capturing_member_predictions
+        self._capturing_member_predictions = True
+        try:
+            yield
+        finally:
+            self._capturing_member_predictions = previous
+            if not previous:
+                self.last_member_predictions = None
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _call_on_members(self, method: str, *args: Any, **kwargs: Any) -> List[Any]:
