@@ -46,17 +46,21 @@ def fkc_generate(
     ess_threshold: float = 0.5,
     increment_clamp: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
+    noise_scheduler: Optional[DDPMScheduler] = None,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """DDPM sampling from `noise` `(B, ...)`; with `num_particles`, FKC weights and resampling within each block of
-    `num_particles` consecutive samples (and a final resampling). Returns the samples and `ess` (mean ESS per step),
-    `resamplings` (steps with at least one group resampled), `member_forwards` (per member)."""
-    scheduler = DDPMScheduler.from_config(make_noise_scheduler(clip_sample=False).config)
+    `num_particles` consecutive samples (and a final resampling). The schedule is `noise_scheduler`'s (default: the
+    experiments' without sample clipping). Returns the samples and `ess` (mean ESS per step), `resamplings` (steps
+    with at least one group resampled), `distinct_final` (mean distinct ancestors per group in the final
+    resampling), `member_forwards` (per member)."""
+    noise_scheduler = noise_scheduler or make_noise_scheduler(clip_sample=False)
+    scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     timesteps, alphas_cumprod = scheduler.timesteps, scheduler.alphas_cumprod
     batch = noise.shape[0]
     groups = batch // num_particles if num_particles else batch
     log_weights = torch.zeros(groups, num_particles or 1, dtype=torch.float64)
-    sample, info = noise.clone(), dict(ess=[], resamplings=0, member_forwards=0)
+    sample, info = noise.clone(), dict(ess=[], resamplings=0, member_forwards=0, distinct_final=None)
     with model.capture_member_predictions():
         for i, t in enumerate(timesteps):
             model_output = model(sample, t, return_dict=False)[0]
@@ -78,6 +82,7 @@ def fkc_generate(
             if ancestors is not None:
                 sample = sample[group_gather_indices(ancestors)]
                 info["resamplings"] += 1
+                info["distinct_final"] = float(np.mean([len(set(row.tolist())) for row in ancestors]))
     return sample, info
 
 
