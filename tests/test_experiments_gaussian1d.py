@@ -139,7 +139,8 @@ TINY_1D = replace(
 def test_miniature_run_writes_every_file_with_the_documented_schema(tmp_path, setup):
     out = str(tmp_path / "out")
     payload = run_gaussian1d(replace(TINY_1D, setup=setup), out, str(tmp_path / "cache"))
-    for name in ("report.md", "results.json", "w1_vs_n.png", "samples.png", "what_is_sampled.png", "corrector.png"):
+    for name in ("report.md", "results.json", "w1_vs_n.png", "samples.png", "what_is_sampled.png", "corrector.png",
+                 "fkc.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "results.json")) as handle:
         saved = json.load(handle)
