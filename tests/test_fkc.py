@@ -12,6 +12,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    StableDiffusionPipeline,
 )
 
 from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline, ScoreFusionXLPipeline
@@ -167,13 +168,14 @@ def test_active_interval_limits_the_weighting():
     assert fkc.resampling_steps == []
 
 
-@pytest.mark.parametrize("xl", [False, True])
-def test_tiny_pipelines_resample_and_stay_finite(xl):
-    if xl:
+@pytest.mark.parametrize("kind", ["sd", "stock-sd", "xl"])
+def test_tiny_pipelines_resample_and_stay_finite(kind):
+    if kind == "xl":
         pipe = ScoreFusionXLPipeline(**get_dummy_xl_components())
         fkc = FeynmanKacCorrector(3, ess_threshold=1.0, tensor_inputs=SDXL_TENSOR_INPUTS, increment_clamp=2.0)
-    else:
-        pipe = ScoreFusionPipeline(**get_dummy_components(weights=[0.3, 0.7]))
+    else:  # ScoreFusionPipeline, or Diffusers' own StableDiffusionPipeline whose unet is a fusion
+        pipeline_class = ScoreFusionPipeline if kind == "sd" else StableDiffusionPipeline
+        pipe = pipeline_class(**get_dummy_components(weights=[0.3, 0.7]))
         fkc = FeynmanKacCorrector(3, ess_threshold=1.0)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
