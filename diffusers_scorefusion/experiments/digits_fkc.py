@@ -13,6 +13,7 @@ Run (on the shared cache of trained models): ``python -m diffusers_scorefusion.e
 
 import argparse
 import json
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -86,6 +87,37 @@ def digits_fkc_study(fused: FusedUNet, classifier: Any, settings: Any, num_gener
     return dict(particles=particles, steps=steps, num_generated=num_generated, rows=rows)
 
 
+def digits_fkc_row(auxiliaries: Sequence[Any], weights: Sequence[float], classifier: Any, settings: Any,
+                   particles: int = 16) -> Dict[str, Any]:
+    """The FKC study run inside `run_digits`: the experiment's steps and image count, groups of
+    ``gcd(particles, num_generated)`` particles, clamps none and 1."""
+    group = math.gcd(particles, settings.num_generated)
+    if group < 2:
+        raise ValueError(f"num_generated ({settings.num_generated}) must share a factor >= 2 with {particles}")
+    fused = FusedUNet(list(auxiliaries), weights=list(weights))
+    return digits_fkc_study(fused, classifier, settings, settings.num_generated, settings.sampling_steps, group,
+                            clamps=(None, 1.0))  # fmt: skip
+
+
+def fkc_report_lines(study: Dict[str, Any], digit: int, scorefusion_nll: Optional[float]) -> List[str]:
+    """The report's FKC section: the share of `digit` per sampler, resamplings, final ESS, distinct ancestors."""
+    nll = f"{scorefusion_nll:.4f} bits/dim" if scorefusion_nll is not None else "scorefusion's"
+    lines = [
+        (f"The scorefusion model of the largest n (first seed) sampled with Feynman-Kac correctors: DDPM, "
+         f"{study['steps']} steps, {study['num_generated']} images in groups of {study['particles']} particles "
+         f"(resampling when ESS < N/2 and at the end). Same model, so the test NLL is scorefusion's ({nll}); only "
+         f"sampling changes. ESS trace: fkc_ess.png."), "",
+        f"| sampler | increment clamp | share of {digit}s | resamplings | final ESS | distinct ancestors at the end |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    for row in study["rows"]:
+        ess = f"{row['ess'][-1]:.2f}" if row["ess"] else "-"
+        distinct = f"{row['distinct_final']:.1f}" if row["distinct_final"] is not None else "-"
+        clamp = row["clamp"] if row["clamp"] is not None else "-"
+        lines.append(f"| {row['sampler']} | {clamp} | {row['share']:.3f} | {row['resamplings']} | {ess} | {distinct} |")
+    return lines
+
+
 def plot_ess(study: Dict[str, Any], path: str) -> None:
     """ESS (mean over groups) after each step, per clamp."""
     import matplotlib
@@ -117,11 +149,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--particles", type=int, default=16)
     parser.add_argument("--num-generated", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--weights", type=float, nargs="+", default=None, help="other weights than the fitted ones")
     parser.add_argument("--num-threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     settings = MEDIUM if args.medium else QUICK
     built = fitted_fusion(settings, args.cache_dir)
+    if args.weights is not None:
+        built["fused"].set_weights(args.weights)
+        built["weights"] = args.weights
     study = digits_fkc_study(built["fused"], built["classifier"], settings, args.num_generated, args.steps,
                              args.particles)  # fmt: skip
     study.update(n=built["n"], weights=built["weights"], target_share=settings.target_proportion)
