@@ -1,6 +1,7 @@
 """Feynman-Kac correctors: the SMC maths, the barycenter of exact Gaussian members, per-prompt resampling, cost."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def _run(pipe, num, prompt="a cat", callback=None, steps=40, **kwargs):
 
 
 def test_fkc_samples_the_barycenter_of_gaussian_members_with_no_extra_forwards():
-    pipe = _gaussian_pipeline()
+    pipe = _gaussian_pipeline()  # DDPM
     plain = _run(pipe, 512)
     plain_calls = [member.num_calls for member in pipe.unet.unets]
     fkc = FeynmanKacCorrector(512, generator=torch.Generator().manual_seed(1))
@@ -108,6 +109,32 @@ def test_fkc_samples_the_barycenter_of_gaussian_members_with_no_extra_forwards()
     assert float(corrected.std()) == pytest.approx(BARYCENTER_STD, rel=0.1)
     assert len(fkc.ess_history) == 40 and fkc.resampling_steps[-1] == (39, [0])  # the final resampling
     assert fkc.log_weights.shape == (1, 512) and torch.equal(fkc.log_weights, torch.zeros(1, 512, dtype=torch.float64))
+
+
+def test_sde_dpm_solver_history_is_resampled_with_the_particles():
+    pipe = _gaussian_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++")
+    fkc = FeynmanKacCorrector(256, ess_threshold=0.9, generator=torch.Generator().manual_seed(1))
+    with pipe.unet.capture_member_predictions():
+        corrected = _run(pipe, 256, callback=fkc)
+    assert len(fkc.resampling_steps) > 1  # also mid-run: the solver's model_outputs history is gathered too
+    assert float(corrected.mean()) == pytest.approx(BARYCENTER_MEAN, abs=0.05)
+    assert float(corrected.std()) == pytest.approx(BARYCENTER_STD, rel=0.12)
+
+
+def test_resampling_copies_every_per_sample_tensor_and_the_scheduler_history():
+    batch = 4
+    scheduler = SimpleNamespace(model_outputs=[None, torch.arange(4.0)[:, None]], last_sample=torch.arange(4.0),
+                                timesteps=torch.arange(10))  # fmt: skip
+    kwargs = dict(latents=torch.arange(4.0)[:, None], prompt_embeds=torch.arange(8.0)[:, None],
+                  add_time_ids=torch.arange(8.0)[:, None], scale=torch.tensor(2.0))  # fmt: skip
+    index = torch.tensor([1, 1, 3, 2])  # prompt 0 = particles 0, 1; prompt 1 = particles 2, 3
+    FeynmanKacCorrector(2)._gather(SimpleNamespace(scheduler=scheduler), kwargs, index, batch)
+    assert kwargs["latents"].flatten().tolist() == [1, 1, 3, 2]
+    assert kwargs["prompt_embeds"].flatten().tolist() == [1, 1, 3, 2, 5, 5, 7, 6]  # both halves under guidance
+    assert kwargs["add_time_ids"].flatten().tolist() == [1, 1, 3, 2, 5, 5, 7, 6] and float(kwargs["scale"]) == 2
+    assert scheduler.model_outputs[0] is None and scheduler.model_outputs[1].flatten().tolist() == [1, 1, 3, 2]
+    assert scheduler.last_sample.tolist() == [1, 1, 3, 2] and scheduler.timesteps.tolist() == list(range(10))
 
 
 def test_particles_are_resampled_within_their_prompt_only():
