@@ -143,7 +143,8 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
 
     @property
     def fusion_weights(self) -> torch.Tensor:
-        """The weights in use: `(k,)`, or `(num_bins, k)` for noise-level-dependent weights (float64, CPU)."""
+        """The weights in use: `(k,)`, or `(num_bins, k)` for noise-level-dependent weights; masks `(k, H, W)` or
+        `(num_bins, k, H, W)` for regional weights (float64, CPU)."""
         table = self._weights_override if self._weights_override is not None else self._weights_table
         return table[0] if self.config.timestep_bin_edges is None else table
 
