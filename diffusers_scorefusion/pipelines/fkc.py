@@ -184,6 +184,8 @@ class FeynmanKacCorrector(PipelineCallback):
             alpha_bar_prev = float(alpha_sigma(alphas_cumprod.cpu(), next_timestep)[0] ** 2)
         else:
             alpha_bar_prev = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
+        if float(alpha_t) == 0:  # zero terminal SNR: at pure noise the experts' exact scores agree, no weight
+            return torch.zeros(batch, dtype=torch.float64)
         factor = fkc_step_factor(float(alpha_t**2), max(alpha_bar_prev, float(alpha_t**2)))
         # differences of noise predictions from the fused parameterisation: eps = a * output + b * x_t
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
