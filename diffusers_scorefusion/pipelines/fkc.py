@@ -80,7 +80,7 @@ class FeynmanKacCorrector(PipelineCallback):
     Args:
         num_particles (`int`): particles per prompt: the pipeline's `num_images_per_prompt` (>= 2).
         ess_threshold (`float`): resample a prompt's particles when ESS < `ess_threshold * num_particles` (in
-            ``[0, 1]``; 0 never resamples before the end, 1 resamples at every active step).
+            ``[0, 1]``; 0 never resamples before the end, 1 whenever a prompt's weights are unequal).
         resample_at_end (`bool`): resample once more after the last step (the returned images then carry equal
             weights).
         active_timesteps (`tuple[float, float]`, *optional*): only steps whose timestep ``t`` satisfies
