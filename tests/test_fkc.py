@@ -16,7 +16,13 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from diffusers_scorefusion import FusedUNet, ScoreFusionPipeline, ScoreFusionXLPipeline
+from diffusers_scorefusion import (
+    FusedTransformer,
+    FusedUNet,
+    ScoreFusionPipeline,
+    ScoreFusionSD3Pipeline,
+    ScoreFusionXLPipeline,
+)
 from diffusers_scorefusion.fusion.smc_utils import (
     effective_sample_size,
     fkc_log_weight_increment,
@@ -27,6 +33,7 @@ from diffusers_scorefusion.fusion.smc_utils import (
     systematic_resample,
 )
 from diffusers_scorefusion.pipelines.fkc import SDXL_TENSOR_INPUTS, FeynmanKacCorrector, check_fkc_scheduler
+from diffusers_scorefusion.testing.transformer_parts import get_dummy_sd3_components, get_dummy_sd3_transformer
 from diffusers_scorefusion.testing.unet_parts import get_dummy_components, get_dummy_scheduler, get_dummy_xl_components
 
 # members N(-1, 0.3^2) and N(1, 1) per pixel at lambda = (0.5, 0.5): barycenter N(m, s^2) with 1/s^2 = sum lambda/s_i^2
@@ -213,3 +220,15 @@ def test_tiny_pipelines_resample_and_stay_finite(kind):
     assert len(fkc.resampling_steps) >= 2 and fkc.resampling_steps[-1] == (3, [0, 1])  # the last: every prompt
     assert all(set(groups) <= {0, 1} for _, groups in fkc.resampling_steps)
     assert all(torch.isfinite(ess).all() for ess in fkc.ess_history)
+
+
+def test_flow_matching_pipelines_are_refused_with_a_sentence():
+    components = get_dummy_sd3_components()
+    components["transformer"] = FusedTransformer([get_dummy_sd3_transformer(0), get_dummy_sd3_transformer(1)])
+    pipe = ScoreFusionSD3Pipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    stochastic = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    pipe.scheduler = stochastic  # the only stochastic flow sampler in Diffusers 0.42: it re-draws all the noise
+    with pipe.transformer.capture_member_predictions(), pytest.raises(ValueError, match="Flow-matching pipelines"):
+        pipe("a cat", num_inference_steps=2, height=32, width=32, num_images_per_prompt=2, output_type="latent",
+             callback_on_step_end=FeynmanKacCorrector(2))  # fmt: skip
