@@ -9,6 +9,7 @@ from .models.modeling_fused_transformer import FusedTransformer
 from .models.modeling_fused_unet import FusedUNet
 from .models.modeling_lora_member import LoraMember
 from .pipelines.corrector import LangevinCorrector, langevin_correct
+from .pipelines.fkc import FeynmanKacCorrector
 from .pipelines.pipeline_score_fusion import ScoreFusionPipeline
 from .pipelines.pipeline_score_fusion_flux import ScoreFusionFluxPipeline
 from .pipelines.pipeline_score_fusion_sd3 import ScoreFusionSD3Pipeline
@@ -36,6 +37,7 @@ def _register_with_diffusers() -> None:
 _register_with_diffusers()
 
 __all__ = [
+    "FeynmanKacCorrector",
     "FitResult",
     "FusedTransformer",
     "FusedUNet",

@@ -169,6 +169,10 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
     report = open(os.path.join(out, "report.md")).read()
     assert "| n | scratch | finetune | scorefusion | merge-fitted | uniform | merge-uniform | aux1" in report
     assert "Paired differences" in report and "Held-out denoising loss" in report
+    assert "Feynman-Kac correctors" in report and os.path.getsize(os.path.join(out, "fkc_ess.png")) > 0
+    fkc_rows = payload["meta"]["fkc"]["rows"]
+    assert [r["sampler"] for r in fkc_rows] == ["DDIM (experiment's)", "plain DDPM", "FKC", "FKC"]
+    assert all(0 <= r["share"] <= 1 for r in fkc_rows) and fkc_rows[-1]["resamplings"] >= 1
     # a rerun of one seed and n reads its models from the cache and reproduces that seed's numbers exactly
     num_models = 1 + 4 + 2 * 2 * 2  # base, auxiliaries, (scratch, finetune) per seed and n
     assert len(os.listdir(cache)) == num_models

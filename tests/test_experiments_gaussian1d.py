@@ -129,7 +129,7 @@ def test_coordinates_follow_the_setup():
 TINY_1D = replace(
     QUICK_1D, n_values=(8, 16), seeds=(0, 1), hidden_size=16, num_generated=200, num_test=300, num_trials=2,
     sampling_steps=5, fit_noise_draws=2, auxiliary_sizes=(256, 64), validation_draws=1, target_validation_draws=2,
-    lambda_grid=3, corrector_steps=(0, 1), trained_corrector_steps=(0, 1),
+    lambda_grid=3, corrector_steps=(0, 1), trained_corrector_steps=(0, 1), fkc_configs=((None, 5, None), (8, 5, 1.0)),
     auxiliary_training=TrainingConfig(steps=20, learning_rate=1e-3, batch_size=32, eval_every=10, patience=1),
     scratch_training=TrainingConfig(steps=10, learning_rate=1e-3, batch_size=32, eval_every=5, patience=1),
 )  # fmt: skip
@@ -139,7 +139,8 @@ TINY_1D = replace(
 def test_miniature_run_writes_every_file_with_the_documented_schema(tmp_path, setup):
     out = str(tmp_path / "out")
     payload = run_gaussian1d(replace(TINY_1D, setup=setup), out, str(tmp_path / "cache"))
-    for name in ("report.md", "results.json", "w1_vs_n.png", "samples.png", "what_is_sampled.png", "corrector.png"):
+    for name in ("report.md", "results.json", "w1_vs_n.png", "samples.png", "what_is_sampled.png", "corrector.png",
+                 "fkc.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "results.json")) as handle:
         saved = json.load(handle)
@@ -157,7 +158,11 @@ def test_miniature_run_writes_every_file_with_the_documented_schema(tmp_path, se
     corrector = saved["corrector"]
     assert [(r["case"], r["corrector_steps"], r["member_forwards"]) for r in corrector["rows"]] == [
         ("exact", 0, 10), ("exact", 1, 18), ("trained", 0, 10), ("trained", 1, 18)]  # 2 x (5 + 4 M)
+    assert [(r["case"], r["sampler"], r["member_forwards"]) for r in saved["fkc"]["rows"]] == [
+        (case, sampler, 5) for case in ("control", "exact", "trained") for sampler in ("plain DDPM", "FKC")]
+    assert all(r["resamplings"] >= 1 for r in saved["fkc"]["rows"] if r["sampler"] == "FKC")  # at least the last
     assert "## What the fused sampler samples" in open(os.path.join(out, "report.md")).read()
+    assert "## Feynman-Kac correctors (SMC)" in open(os.path.join(out, "report.md")).read()
     assert payload["rows"] == saved["rows"]
 
 

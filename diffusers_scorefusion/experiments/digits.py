@@ -26,6 +26,7 @@ from ..fitting import fit_weights
 from ..models.modeling_fused_unet import FusedUNet
 from . import data as digit_data
 from .digits_eval import evaluate, lambda_spectrum, make_test_set, paired_difference, train_proportion_classifier
+from .digits_fkc import digits_fkc_row
 from .digits_models import merge_unets, train_auxiliaries, train_target_models
 from .digits_report import write_digits_outputs
 from .output_dirs import add_output_arguments, output_dirs
@@ -206,13 +207,14 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
             progress.update(1)
     progress.close()
     spectrum, spectrum_labels = lambda_spectrum(auxiliaries, settings, fitted_example)
+    fkc = digits_fkc_row(auxiliaries, fitted_example, classifier, settings)  # scorefusion sampled with FKC
     meta = dict(
         classifier_test_accuracy=classifier_accuracy, n_values=n_values, closest_auxiliary=f"aux{closest + 1}",
         split_sizes={name: {str(d): int(part[d].size) for d in settings.digits}
                      for name, part in split.indices.items()},
         auxiliary_validation_sizes={str(d): int(val.size) for d, (_, val) in zip(settings.digits, aux_parts)},
         auxiliary_training=training_records, wall_time_s=time.time() - started, settings=_settings_dict(settings),
-        num_threads=torch.get_num_threads(),
+        num_threads=torch.get_num_threads(), fkc=fkc,
         models_trained=len(_cached_models(cache_dir) - cached_before) if cache_dir is not None
         else 1 + num_aux + 2 * len(settings.seeds) * len(n_values),
     )  # fmt: skip

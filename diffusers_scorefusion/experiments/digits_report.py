@@ -87,6 +87,18 @@ def _pair_table(summaries: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _fkc_section(meta: Dict[str, Any], rows: List[Dict[str, Any]], digit: int) -> List[str]:
+    """The FKC row (`digits_fkc`), when the run made one."""
+    if meta.get("fkc") is None:
+        return []
+    from .digits_fkc import fkc_report_lines
+
+    largest = max((r for r in rows if r["method"] == "scorefusion"), key=lambda r: r["n"], default=None)
+    nll = largest["nll_bpd"] if largest is not None else None
+    return ["## Sampling the barycenter: Feynman-Kac correctors (SMC)", "",
+            *fkc_report_lines(meta["fkc"], digit, nll), ""]  # fmt: skip
+
+
 def _training_lines(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
     lines = ["| n | scratch: best step (per seed) | finetune: best step (per seed) |", "| ---: | --- | --- |"]
     for n in sorted({r["n"] for r in rows}):
@@ -160,6 +172,11 @@ def write_digits_outputs(out_dir: str, settings: Any, methods: Sequence[str], re
     plot_spectrum(spectrum, spectrum_labels, "λ-spectrum: same initial noise, weights moving from aux1 to "
                   f"aux{len(settings.auxiliary_proportions)}", os.path.join(out_dir, "lambda_spectrum.png"), vmax=16)
     figures += ["nll_vs_n.png", "paired_differences.png", "proportion_vs_n.png", "lambda_spectrum.png"]
+    if meta.get("fkc") is not None:
+        from .digits_fkc import plot_ess
+
+        plot_ess(meta["fkc"], os.path.join(out_dir, "fkc_ess.png"))
+        figures.append("fkc_ess.png")
     report = report_markdown(settings, methods, rows, pairs, meta, figures)
     atomic_write_bytes(os.path.join(out_dir, "report.md"), report.encode())
     return payload
@@ -239,6 +256,7 @@ def report_markdown(settings: Any, methods: Sequence[str], rows: List[Dict[str, 
         _pair_table(pairs), "",
         "## Fitted ScoreFusion weights (mean over seeds, and their standard deviation over seeds)", "",
         "| n | λ (aux1..aux4) | sd over seeds |", "| ---: | --- | --- |", *weight_lines, "",
+        *_fkc_section(meta, rows, first),
         "## Early stopping: the step of the kept checkpoint / steps run, per seed", "",
         *_training_lines(rows, meta), "",
         "## Figures", "",

@@ -32,6 +32,7 @@ from ..fitting import fit_weights
 from ..models.modeling_fused_unet import FusedUNet
 from .denoising import denoising_loss, make_noised_set
 from .gaussian1d_analysis import corrector_study, what_is_sampled
+from .gaussian1d_fkc import FKC_CONFIGS, fkc_study
 from .gaussian1d_report import write_gaussian1d_outputs
 from .mixtures1d import Mixture1D, wasserstein1
 from .output_dirs import add_output_arguments, output_dirs
@@ -95,6 +96,7 @@ class Gaussian1DSettings:
     lambda_grid: int = 21
     corrector_steps: Tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50)
     trained_corrector_steps: Tuple[int, ...] = (0, 1, 5, 20)
+    fkc_configs: Tuple[Tuple[Optional[int], int, Optional[float]], ...] = FKC_CONFIGS  # (particles, steps, clamp)
 
     def __post_init__(self):
         if self.setup not in SETUPS:
@@ -233,6 +235,8 @@ def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Option
                               sample_model)  # fmt: skip
     corrected = corrector_study(settings, TARGET, auxiliaries, examples["coordinates"], marks["scorefusion"],
                                 sample_model)  # fmt: skip
+    fkc = fkc_study(settings, TARGET, auxiliaries, examples["coordinates"], marks["scorefusion"],
+                    configs=settings.fkc_configs)  # fmt: skip
     meta = dict(wall_time_s=time.time() - started, num_threads=torch.get_num_threads(),
                 auxiliary_coordinates=[asdict(a["coordinates"]) for a in auxiliaries],
                 auxiliary_training=[a["training"] for a in auxiliaries], lambda_marks=marks,
@@ -240,7 +244,8 @@ def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Option
     payload = dict(experiment="gaussian1d", setup=settings.setup, preset=settings.preset,
                    units="w1: Wasserstein-1 distance in the data's original units", target=asdict(TARGET),
                    auxiliaries=[asdict(a) for a in AUXILIARIES], reference_weights=list(REFERENCE_WEIGHTS),
-                   records=records, fits=fits, what_is_sampled=sampled, corrector=corrected, meta=meta)  # fmt: skip
+                   records=records, fits=fits, what_is_sampled=sampled, corrector=corrected, fkc=fkc,
+                   meta=meta)  # fmt: skip
     return write_gaussian1d_outputs(out_dir, settings, payload, histograms)
 
 

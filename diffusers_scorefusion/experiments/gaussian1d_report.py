@@ -116,6 +116,7 @@ def plot_corrector(corrector: Dict[str, Any], path: str) -> None:
 def write_gaussian1d_outputs(out_dir: str, settings: Any, payload: Dict[str, Any],
                              histograms: Dict[int, Dict[str, np.ndarray]]) -> Dict[str, Any]:  # fmt: skip
     """Writes results.json, the figures and report.md; returns the payload with its aggregated rows."""
+    from .gaussian1d_fkc import plot_fkc
     from .gaussian1d_text import report_markdown
     from .mixtures1d import Mixture1D
 
@@ -129,5 +130,6 @@ def write_gaussian1d_outputs(out_dir: str, settings: Any, payload: Dict[str, Any
     plot_what_is_sampled(payload["what_is_sampled"], payload["meta"]["lambda_marks"], payload["reference_weights"],
                          settings.setup, os.path.join(out_dir, "what_is_sampled.png"))  # fmt: skip
     plot_corrector(payload["corrector"], os.path.join(out_dir, "corrector.png"))
+    plot_fkc(payload["fkc"], os.path.join(out_dir, "fkc.png"))
     atomic_write_bytes(os.path.join(out_dir, "report.md"), report_markdown(settings, payload).encode())
     return payload

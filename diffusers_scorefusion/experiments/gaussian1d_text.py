@@ -2,6 +2,7 @@
 
 from typing import Any, Dict, List
 
+from .gaussian1d_fkc import fkc_lines
 from .reporting import markdown_table
 
 
@@ -136,6 +137,7 @@ def report_markdown(settings: Any, payload: Dict[str, Any]) -> str:
          "and to the target (exact CDF)."), "",
         *_corrector_lines(payload["corrector"], settings.num_generated), "",
         "![corrector](corrector.png)", "",
+        "## Feynman-Kac correctors (SMC)", "", *fkc_lines(payload["fkc"]), "", "![FKC](fkc.png)", "",
         "## Figures", "", "![W1 vs n](w1_vs_n.png)", "", "![samples](samples.png)", "",
         f"Wall time: {meta['wall_time_s']:.0f} s on {meta['num_threads']} torch thread(s).", "",
     ]  # fmt: skip

@@ -6,6 +6,7 @@ forward that skips members whose weight is 0, member placement, and helpers forw
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -14,10 +15,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .fusion_utils import WeightsLike, check_bin_edges, check_weights, combine_predictions, timestep_bins
+from .fusion_utils import WeightsLike, check_bin_edges, combine_predictions, timestep_bins
 from .member_utils import copy_containers, distinct_models
 from .offload_utils import enable_group_offload_per_member, run_on_member_device
 from .peft_utils import FusedPeftMixin
+from .regional_utils import check_weights_or_masks, combine_masked_predictions
 
 
 class MemberHelperMissing(AttributeError):
@@ -59,6 +61,24 @@ def replace_first_field(output: Any, value: torch.Tensor) -> Any:
     return (value, *tuple(output)[1:])
 
 
+@dataclass
+class MemberPredictions:
+    """One fused forward's per-member predictions, for sampler hooks such as [`FeynmanKacCorrector`].
+
+    Args:
+        predictions (`tuple[torch.Tensor]`): the run members' predictions in the fused parameterisation, each
+            `(B, ...)` (the tensors the forward combined, not copies).
+        weights (`torch.Tensor`): the weights they were combined with, `(len(members),)` or `(B, len(members))`.
+        members (`tuple[int]`): the indices of the members run (members whose weight was 0 are not run).
+        timestep (`torch.Tensor`): the timestep of the call.
+    """
+
+    predictions: Tuple[torch.Tensor, ...]
+    weights: torch.Tensor
+    members: Tuple[int, ...]
+    timestep: torch.Tensor
+
+
 class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
     r"""
     The fusion core shared by [`FusedUNet`] and the other fused denoisers.
@@ -74,6 +94,9 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
     members_attribute = "members_list"
     # Weights for the current call only (`override_weights`), or `None`.
     _weights_override: Optional[torch.Tensor] = None
+    # The last forward's per-member predictions while `capture_member_predictions` is on; `None` (nothing kept) off.
+    last_member_predictions: Optional[MemberPredictions] = None
+    _capturing_member_predictions: bool = False
 
     # Config entries every fusion registers itself; a subclass adds its own in `own_config_keys`.
     base_config_keys = ("num_members", "weights", "timestep_bin_edges", "weights_provenance")
@@ -97,12 +120,14 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
         timestep_bin_edges: Optional[Sequence[float]] = None,
         provenance: Optional[Dict[str, Any]] = None,
     ) -> None:
-        """Sets the fusion weights: `(k,)`, or a `(num_bins, k)` table with `timestep_bin_edges`.
+        """Sets the fusion weights: `(k,)`, or a `(num_bins, k)` table with `timestep_bin_edges`; or regional weights,
+        per-member masks `(k, H, W)` (`(num_bins, k, H, W)` with bins) at the latents' or the image's resolution,
+        non-negative and summing to 1 at every position (see `fusion.regional_utils`).
 
         `provenance` (JSON-serialisable: how the weights were obtained) is stored in the config beside them and
         saved wherever the fusion is saved; setting weights without it clears the previous provenance.
         """
-        table = check_weights(weights, self.config.num_members)
+        table = check_weights_or_masks(weights, self.config.num_members)
         edges = None
         if timestep_bin_edges is not None:
             edges = check_bin_edges(timestep_bin_edges, table.shape[0]).tolist()
@@ -110,7 +135,7 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
             raise ValueError(
                 f"weights with {table.shape[0]} rows need timestep_bin_edges ({table.shape[0] + 1} numbers)"
             )
-        stored = table[0].tolist() if torch.as_tensor(weights).ndim == 1 else table.tolist()
+        stored = table[0].tolist() if torch.as_tensor(weights).ndim in (1, 3) else table.tolist()
         if provenance is not None and not isinstance(provenance, dict):
             raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
         self.register_to_config(weights=stored, timestep_bin_edges=edges, weights_provenance=provenance)
@@ -118,7 +143,8 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
 
     @property
     def fusion_weights(self) -> torch.Tensor:
-        """The weights in use: `(k,)`, or `(num_bins, k)` for noise-level-dependent weights (float64, CPU)."""
+        """The weights in use: `(k,)`, or `(num_bins, k)` for noise-level-dependent weights; masks `(k, H, W)` or
+        `(num_bins, k, H, W)` for regional weights (float64, CPU)."""
         table = self._weights_override if self._weights_override is not None else self._weights_table
         return table[0] if self.config.timestep_bin_edges is None else table
 
@@ -128,12 +154,13 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
         if weights is None:
             yield
             return
-        table = check_weights(weights, self.config.num_members, name="fusion_weights")
+        table = check_weights_or_masks(weights, self.config.num_members, name="fusion_weights")
         num_bins = self._weights_table.shape[0]
         if table.shape[0] == 1 and num_bins > 1:
-            table = table.expand(num_bins, -1)
+            table = table.expand(num_bins, *table.shape[1:])
         elif table.shape[0] != num_bins:
-            raise ValueError(f"fusion_weights must have shape (k,) or ({num_bins}, k), got {tuple(table.shape)}")
+            shapes = f"(k,) or ({num_bins}, k)" if table.ndim == 2 else f"(k, H, W) or ({num_bins}, k, H, W)"
+            raise ValueError(f"fusion_weights must have shape {shapes}, got {tuple(table.shape)}")
         previous, self._weights_override = self._weights_override, table
         try:
             yield
@@ -156,6 +183,9 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
             raise ValueError(
                 f"timestep must be a scalar or have {batch_size} entries, got shape {tuple(timesteps.shape)}"
             )
+        if table.ndim == 4:
+            raise ValueError(f"regional weights (masks) need the samples of one call in one timestep bin, got bins "
+                             f"{sorted(set(rows.tolist()))}")  # fmt: skip
         return table[rows]  # (B, k)
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -181,15 +211,40 @@ class FusedModelMixin(FusedPeftMixin, ModelMixin, ConfigMixin):
         maps its prediction to the fused parameterisation. Returns the first run member's output and the fused
         prediction.
         """
-        weights = self.step_weights(timestep, batch_size)  # (k,) or (B, k)
-        active = (weights != 0) if weights.ndim == 1 else (weights != 0).any(0)
+        weights = self.step_weights(timestep, batch_size)  # (k,), (B, k) or masks (k, H, W)
+        masks = weights.ndim == 3
+        if masks or weights.ndim == 1:
+            active = (weights != 0).reshape(weights.shape[0], -1).any(1)
+        else:
+            active = (weights != 0).any(0)
         first_output, predictions = None, []
         for i in active.nonzero().flatten().tolist():
             output = run_member(i)
             first_output = output if first_output is None else first_output
             prediction = output[0]
             predictions.append(prediction if convert is None else convert(i, prediction))
-        return first_output, combine_predictions(predictions, weights[..., active])
+        used = weights[active] if masks else weights[..., active]
+        if self._capturing_member_predictions:
+            self.last_member_predictions = MemberPredictions(
+                tuple(predictions), used, tuple(active.nonzero().flatten().tolist()), torch.as_tensor(timestep).detach()
+            )  # fmt: skip
+        if masks:
+            return first_output, combine_masked_predictions(predictions, used)
+        return first_output, combine_predictions(predictions, used)
+
+    @contextlib.contextmanager
+    def capture_member_predictions(self) -> Iterator[None]:
+        """Inside the `with` block every forward stores its per-member predictions and weights in
+        `last_member_predictions` (a [`MemberPredictions`]: references, no copies; no extra member forwards); on
+        exit the last one is dropped. Off by default. Used by [`FeynmanKacCorrector`]: wrap the pipeline call."""
+        previous = self._capturing_member_predictions
+        self._capturing_member_predictions = True
+        try:
+            yield
+        finally:
+            self._capturing_member_predictions = previous
+            if not previous:
+                self.last_member_predictions = None
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _call_on_members(self, method: str, *args: Any, **kwargs: Any) -> List[Any]:

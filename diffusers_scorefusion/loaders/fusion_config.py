@@ -15,7 +15,7 @@ import diffusers
 from diffusers.models.modeling_utils import ModelMixin
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..fusion.fusion_utils import PREDICTION_TYPES, check_bin_edges, check_weights
+from ..fusion.fusion_utils import PREDICTION_TYPES, check_bin_edges
 from ..fusion.member_utils import (
     INTERFACE_KEYS,
     NOISE_SCHEDULE_KEYS,
@@ -23,6 +23,7 @@ from ..fusion.member_utils import (
     flow_schedule_of,
     noise_schedule_of,
 )
+from ..fusion.regional_utils import check_weights_or_masks
 from .atomic_save import is_entry_name
 
 CONFIG_NAME = "config.json"
@@ -304,7 +305,7 @@ def check_fusion_config(
         if len(config[key]) != num_members:
             raise ValueError(f"{where}: {key} has {len(config[key])} entries but num_members is {num_members}")
     member_classes = (_check_unet_keys if found == FUSED_UNET else _check_transformer_keys)(config, where)
-    table = check_weights(config["weights"], num_members)
+    table = check_weights_or_masks(config["weights"], num_members)  # (num_bins, k) or masks (num_bins, k, H, W)
     if config["timestep_bin_edges"] is not None:
         check_bin_edges(config["timestep_bin_edges"], table.shape[0])
     elif table.shape[0] > 1:

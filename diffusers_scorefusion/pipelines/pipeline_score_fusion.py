@@ -138,8 +138,9 @@ def fusion_loading_kwargs(
 FUSION_WEIGHTS_DOC = """
             fusion_weights (`list[float]` or `torch.Tensor`, *optional*):
                 ScoreFusion: the fusion weights for this call only, shape `(k,)` (or the stored `(num_bins, k)`
-                table's shape), on the simplex. Defaults to the fusion's own weights (`unet.fusion_weights` or
-                `transformer.fusion_weights`).
+                table's shape), on the simplex; or regional weights, per-member masks `(k, H, W)` at the latents' or
+                the image's resolution, summing to 1 at every position (docs/barycenter-sampling.md). Defaults to the
+                fusion's own weights (`unet.fusion_weights` or `transformer.fusion_weights`).
 """
 
 
