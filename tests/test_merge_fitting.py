@@ -4,14 +4,13 @@ import copy
 
 import pytest
 import torch
+from _gaussian_members import SHAPE, GaussianNoisePredictor, barycenter_samples, gaussian_fusion, member_means
 from torch import nn
 
 from diffusers_scorefusion import FusedUNet
 from diffusers_scorefusion.fitting import fit_weights
 from diffusers_scorefusion.fitting.merge_fitting import MergedPredictor, minimise_merge_loss, project_to_simplex
 from diffusers_scorefusion.testing.unet_parts import get_dummy_scheduler, get_dummy_unet
-
-from _gaussian_members import SHAPE, GaussianNoisePredictor, barycenter_samples, gaussian_fusion, member_means
 
 
 class GaussianStdMember(GaussianNoisePredictor):
@@ -94,7 +93,8 @@ def test_merged_predictor_matches_the_merged_checkpoint():
     merged.load_state_dict({name: sum(w.item() * s[name] for w, s in zip(weights, states)) for name in states[0]})
     generator = torch.Generator().manual_seed(0)
     sample, hidden = torch.randn((2, 4, 16, 16), generator=generator), torch.randn((2, 5, 32), generator=generator)
-    predicted = MergedPredictor(FusedUNet(unets))(weights, sample, torch.tensor([10, 700]), encoder_hidden_states=hidden)
+    timestep = torch.tensor([10, 700])
+    predicted = MergedPredictor(FusedUNet(unets))(weights, sample, timestep, encoder_hidden_states=hidden)
     expected = merged(sample, torch.tensor([10, 700]), encoder_hidden_states=hidden).sample
     assert torch.allclose(predicted, expected, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Merge-aware weights: the lambda whose weight-space merge has the lowest denoising loss (`fit_weights(target="merge")`).
+"""Merge-aware weights (`fit_weights(target="merge")`): the lambda whose weight-space merge has the lowest loss.
 
 The fusion predicts ``sum_i lambda_i eps_i(x_t, t)``, linear in lambda, so its loss is the exact QP. The merged model
 ``eps(x_t, t; sum_i lambda_i theta_i)`` (full fine-tunes of one architecture) or the base with the merged LoRA delta
@@ -73,8 +73,9 @@ class MergedPredictor:
             raise ValueError(f"members of different classes cannot be merged, got {sorted(classes)}")
         states = [dict(member.named_parameters(), **dict(member.named_buffers())) for member in members]
         for i, state in enumerate(states[1:], start=1):
-            differing = next((name for name in states[0] if name not in state or state[name].shape != states[0][name]
-                              .shape), None) or next((name for name in state if name not in states[0]), None)  # fmt: skip
+            differing = next((name for name in states[0] if name not in state
+                              or state[name].shape != states[0][name].shape), None)  # fmt: skip
+            differing = differing or next((name for name in state if name not in states[0]), None)
             if differing is not None:
                 shapes = [tuple(s[differing].shape) if differing in s else "missing" for s in (states[0], state)]
                 raise ValueError(f"members 0 and {i} have different architectures: parameter {differing!r} is "
@@ -134,7 +135,8 @@ class MergedPredictor:
 
 
 def _noised_batches(process: Any, latents: torch.Tensor, inputs: Tuple[Dict[str, Any], Dict[str, Any]],
-                    indices: Sequence[int], seed: int, options: Dict[str, Any]) -> Iterator[Dict[str, Any]]:  # fmt: skip
+                    indices: Sequence[int], seed: int, options: Dict[str, Any]
+                    ) -> Iterator[Dict[str, Any]]:  # fmt: skip
     """The noised samples `fit_weights` fitted on (the same per-sample seeds), `batch_size` rows at a time."""
     rows: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
     for index in indices:
