@@ -103,3 +103,15 @@ def test_distill_refuses_a_merged_student_of_a_lora_fusion_before_touching_the_b
     with pytest.raises(ValueError, match="student='merged' needs full fine-tunes"):
         distill(fused, get_dummy_scheduler(), samples, encoder_hidden_states=hidden, progress_bar=False)
     assert "distilled" not in fused.unets[0].base.peft_config
+
+
+def test_distill_with_a_one_process_accelerator_matches_plain_training():
+    accelerate = pytest.importorskip("accelerate")
+    samples, hidden = data()
+    results = []
+    for accelerator in (None, accelerate.Accelerator(cpu=True)):
+        fused = FusedUNet([get_dummy_unet(0), get_dummy_unet(1)], weights=[0.6, 0.4])
+        output = distill(fused, get_dummy_scheduler(), samples, encoder_hidden_states=hidden, accelerator=accelerator,
+                         generator=torch.Generator().manual_seed(0), **dict(OPTIONS, max_steps=5))  # fmt: skip
+        results.append((output.initial_validation_loss, output.validation_loss, output.best_step))
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
