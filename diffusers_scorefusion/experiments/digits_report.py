@@ -160,13 +160,16 @@ def write_digits_outputs(out_dir: str, settings: Any, methods: Sequence[str], re
     plot_spectrum(spectrum, spectrum_labels, "λ-spectrum: same initial noise, weights moving from aux1 to "
                   f"aux{len(settings.auxiliary_proportions)}", os.path.join(out_dir, "lambda_spectrum.png"), vmax=16)
     figures += ["nll_vs_n.png", "paired_differences.png", "proportion_vs_n.png", "lambda_spectrum.png"]
-    report = report_markdown(settings, methods, rows, pairs, meta, figures)
+    from .digits_bake import bake_lines
+
+    extra = bake_lines(records, meta["member_forwards_per_step"]) if "member_forwards_per_step" in meta else []
+    report = report_markdown(settings, methods, rows, pairs, meta, figures, extra)
     atomic_write_bytes(os.path.join(out_dir, "report.md"), report.encode())
     return payload
 
 
 def report_markdown(settings: Any, methods: Sequence[str], rows: List[Dict[str, Any]], pairs: List[Dict[str, Any]],
-                    meta: Dict[str, Any], figures: Sequence[str]) -> str:  # fmt: skip
+                    meta: Dict[str, Any], figures: Sequence[str], extra_lines: Sequence[str] = ()) -> str:  # fmt: skip
     """The human-readable report: design, the metric tables (rows n, columns methods), differences, weights, budgets."""
     first, second = settings.digits
     aux = ", ".join(f"aux{i + 1} = ({p:.1f}, {1 - p:.1f})" for i, p in enumerate(settings.auxiliary_proportions))
@@ -226,6 +229,7 @@ def report_markdown(settings: Any, methods: Sequence[str], rows: List[Dict[str, 
          f"logistic regression trained on the auxiliary pool (accuracy on the test split: "
          f"{meta['classifier_test_accuracy']:.3f})."),
         "",
+        *extra_lines,
         "## Test NLL (bits/dim, lower is better)", "",
         markdown_table(rows, methods, "nll_bpd", "nll_se", digits=3, best="min"), "",
         "## Held-out denoising loss (epsilon MSE per pixel on the test images, lower is better)", "",
