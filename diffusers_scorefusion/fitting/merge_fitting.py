@@ -24,6 +24,7 @@ TARGETS = ("fusion", "merge")
 MERGE_MAX_ITERATIONS = 30
 MERGE_MAX_BACKTRACKS = 8
 MERGE_TOLERANCE = 1e-6  # stop when a step moves no weight by more than this
+MERGE_RELATIVE_DECREASE = 1e-6  # or when an accepted step lowers the loss by less than this fraction
 MERGE_FIRST_STEP = 0.1  # the first trial moves the weights by at most this much
 
 
@@ -190,8 +191,9 @@ def minimise_merge_loss(objective: Callable[[torch.Tensor, bool], Tuple[float, O
                         progress: Any = None) -> Tuple[torch.Tensor, List[float]]:  # fmt: skip
     """Projected gradient descent on the simplex from `start`, halving a rejected step and doubling an accepted one.
 
-    Only steps that lower the loss are taken, so ``history`` (the loss after each accepted step, the start first)
-    decreases strictly. Returns the final weights `(k,)` (float64) and the history.
+    Stops after `max_iterations` steps, when no trial step lowers the loss, or when a step lowers it by less than a
+    fraction `MERGE_RELATIVE_DECREASE`. Only steps that lower the loss are taken, so ``history`` (the loss after each
+    accepted step, the start first) decreases strictly. Returns the final weights `(k,)` (float64) and the history.
     """
     weights = start.to(torch.float64)
     loss, gradient = objective(weights, True)
@@ -216,6 +218,8 @@ def minimise_merge_loss(objective: Callable[[torch.Tensor, bool], Tuple[float, O
         weights = accepted
         loss, gradient = objective(weights, True)  # the same loss as the trial (same samples), plus the gradient
         history.append(loss)
+        if history[-2] - loss < MERGE_RELATIVE_DECREASE * abs(history[-2]):
+            break
         step *= 2
     return weights, history
 
