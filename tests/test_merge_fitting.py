@@ -124,6 +124,29 @@ def test_merged_predictor_of_a_lora_fusion_is_set_adapters_with_the_weights():
     assert torch.allclose(predicted, expected, atol=1e-5)
     assert not torch.allclose(predicted, fused(sample, torch.tensor(400), encoder_hidden_states=hidden).sample,
                               atol=1e-5)  # a merge, not the fusion  # fmt: skip
+    base.set_adapter("member_1")
+    latents, hidden = torch.randn((2, 4, 16, 16), generator=generator), torch.randn((2, 5, 32), generator=generator)
+    result = fit_weights(fused, get_dummy_scheduler(), latents, hidden, num_noise_draws=2, target="merge",
+                         merge_max_iterations=2, num_bootstrap=0, generator=generator, progress_bar=False)  # fmt: skip
+    refit = result.provenance["merge_refit"]
+    assert refit["merge_kind"] == "lora" and result.loss <= refit["start_loss"]
+    assert base.active_adapters() == ["member_1"]  # the merged forwards leave the base's adapters as they were
+
+
+def test_merge_refit_of_flow_matching_members_linear_in_their_parameters():
+    from _gaussian_flow_members import barycenter_samples as flow_samples
+    from _gaussian_flow_members import gaussian_flow_fusion
+    from _gaussian_flow_members import member_means as flow_means
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    means = flow_means(3)
+    fused = gaussian_flow_fusion(means)
+    result = fit_weights(fused, FlowMatchEulerDiscreteScheduler(shift=3.0), flow_samples(means, [0.5, 0.3, 0.2], 16),
+                         num_noise_draws=4, target="merge", num_bootstrap=0, progress_bar=False,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    refit = result.provenance["merge_refit"]
+    assert refit["start_loss"] == pytest.approx(refit["fusion_loss_at_start"], rel=1e-5)
+    assert torch.allclose(result.weights, torch.tensor(refit["start_weights"], dtype=torch.float64), atol=1e-3)
 
 
 def test_minimise_merge_loss_stops_where_no_step_helps():
