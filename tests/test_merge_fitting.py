@@ -181,3 +181,9 @@ def test_merge_target_refuses_members_of_different_architectures():
     with pytest.raises(ValueError, match="different architectures: parameter"):
         fit_weights(fused, get_dummy_scheduler(), torch.zeros((2, 4, 16, 16)), torch.zeros((2, 5, 32)),
                     target="merge", progress_bar=False)  # fmt: skip
+
+
+def test_merge_target_refuses_nested_fusions():
+    fused = FusedUNet([FusedUNet([get_dummy_unet(0), get_dummy_unet(1)]), get_dummy_unet(2)])
+    with pytest.raises(ValueError, match=r"members \[0\] are fusions themselves"):
+        MergedPredictor(fused)

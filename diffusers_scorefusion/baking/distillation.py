@@ -267,7 +267,8 @@ def distill(
     # a weight table over timestep bins: the student starts from the merge with its mean row (the teacher keeps it)
     weights = fused.fusion_weights if fused.fusion_weights.ndim == 1 else fused.fusion_weights.mean(0)
     process = noising_process(fused, scheduler, "full", "uniform", 5.0, None, None)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    if generator is None:  # as fit_weights: a seed from torch's global generator
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     is_main = accelerator is None or accelerator.is_main_process
     num_members = fused.config.num_members
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from ..fusion.modeling_fusion import FusedModelMixin
 from ..models.modeling_fused_unet import FusedUNet
 from .fitting_utils import _draws, _select, reduce_sum
 
@@ -51,6 +52,9 @@ class MergedPredictor:
         from ..models.modeling_lora_member import LoraMember
 
         members = list(fused.fusion_members)
+        nested = [i for i, member in enumerate(members) if isinstance(member, FusedModelMixin)]
+        if nested:
+            raise ValueError(f"members {nested} are fusions themselves: merge their members into one flat fusion first")
         if isinstance(fused, FusedUNet):
             if len(fused.text_encoders) > 0:
                 raise ValueError("members with their own text encoders cannot be merged into one model: a merged "
