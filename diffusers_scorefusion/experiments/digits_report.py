@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from .digits_bake import bake_lines
 from .reporting import (
     atomic_write_bytes,
     draw_metric_vs_n,
@@ -160,8 +161,6 @@ def write_digits_outputs(out_dir: str, settings: Any, methods: Sequence[str], re
     plot_spectrum(spectrum, spectrum_labels, "λ-spectrum: same initial noise, weights moving from aux1 to "
                   f"aux{len(settings.auxiliary_proportions)}", os.path.join(out_dir, "lambda_spectrum.png"), vmax=16)
     figures += ["nll_vs_n.png", "paired_differences.png", "proportion_vs_n.png", "lambda_spectrum.png"]
-    from .digits_bake import bake_lines
-
     extra = bake_lines(records, meta["member_forwards_per_step"]) if "member_forwards_per_step" in meta else []
     report = report_markdown(settings, methods, rows, pairs, meta, figures, extra)
     atomic_write_bytes(os.path.join(out_dir, "report.md"), report.encode())
