@@ -127,7 +127,7 @@ TINY = replace(
     auxiliary_training=TrainingConfig(steps=4, learning_rate=1e-3, batch_size=16, eval_every=2, patience=1),
     target_training=TrainingConfig(steps=6, learning_rate=1e-3, batch_size=16, eval_every=3, patience=2),
     finetune_learning_rate=1e-4, validation_draws=1, target_validation_draws=2, denoising_draws=2,
-    nll_steps=1, num_generated=8, sampling_steps=2, fit_noise_draws=2, spectrum_points=3,
+    nll_steps=1, num_generated=8, sampling_steps=2, fit_noise_draws=2, spectrum_points=3, distill_steps=4,
 )  # fmt: skip
 
 
@@ -154,7 +154,7 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
         else:
             assert row["num_seeds"] == 2 and row["nll_se"] >= 0
         assert row["denoising_loss"] > 0
-        if row["method"] in ("scorefusion", "uniform", "merge-fitted", "merge-uniform"):
+        if row["method"] in ("scorefusion", "uniform", "merge-fitted", "merge-uniform", "merge-refit", "distilled"):
             assert len(row["weights"]) == 4 and min(row["weights"]) >= 0 and abs(sum(row["weights"]) - 1) < 1e-3
         if row["method"] in ("scratch", "finetune"):  # early stopping kept a checkpoint within the budget
             assert all(0 <= b <= s <= 6 for b, s in zip(row["best_step"], row["steps_run"]))
@@ -167,7 +167,15 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
     for summary in saved["paired_differences"]:
         assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"] and summary["num_seeds"] == 2
     report = open(os.path.join(out, "report.md")).read()
-    assert "| n | scratch | finetune | scorefusion | merge-fitted | uniform | merge-uniform | aux1" in report
+    assert ("| n | scratch | finetune | scorefusion | merge-fitted | merge-refit | distilled | uniform | merge-uniform "
+            "| aux1") in report
+    forwards = saved["meta"]["member_forwards_per_step"]
+    assert forwards == {m: 4 if m in ("scorefusion", "uniform") else 1 for m in methods}
+    assert "| merge-refit | 1 |" in report and "| scorefusion | 4 |" in report
+    for record in saved["records"]:  # the refit never ends above its start (the fusion's lambda) on the fitting data
+        if record["method"] == "merge-refit":
+            assert record["training"]["loss"] <= record["training"]["start_loss"]
+    assert {"merge-refit - scorefusion", "distilled - scorefusion"} <= {s["pair"] for s in saved["paired_differences"]}
     assert "Paired differences" in report and "Held-out denoising loss" in report
     assert "Feynman-Kac correctors" in report and os.path.getsize(os.path.join(out, "fkc_ess.png")) > 0
     fkc_rows = payload["meta"]["fkc"]["rows"]
@@ -181,7 +189,7 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
     first = {(r["method"], r["n"]): r["nll_bpd"] for r in payload["records"] if r["seed"] == 1 and r["n"] == 4}
     assert not any(method.startswith("aux") for method, _ in first)  # the auxiliaries alone: first seed only
     rerun = {(r["method"], r["n"]): r["nll_bpd"] for r in again["records"]}
-    assert {key: value for key, value in rerun.items() if key in first} == first and len(first) == 6
+    assert {key: value for key, value in rerun.items() if key in first} == first and len(first) == 8
 
 
 def test_main_refuses_bad_arguments(tmp_path):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..fitting import fit_weights
 from ..models.modeling_fused_unet import FusedUNet
 from . import data as digit_data
+from .digits_bake import baked_models, member_forwards_per_step
 from .digits_eval import evaluate, lambda_spectrum, make_test_set, paired_difference, train_proportion_classifier
 from .digits_fkc import digits_fkc_row
 from .digits_models import merge_unets, train_auxiliaries, train_target_models
@@ -34,7 +35,9 @@ from .training import TrainingConfig, make_noise_scheduler
 
 ALL = "all"
 RECORD_KEYS = ("nll_bpd", "denoising_loss", "proportion", "weights", "training")
-PAIRS = (("scorefusion", "uniform"), ("merge-fitted", "merge-uniform"), ("scorefusion", "merge-fitted"))
+PAIRS = (("scorefusion", "uniform"), ("merge-fitted", "merge-uniform"), ("scorefusion", "merge-fitted"),
+         ("merge-refit", "scorefusion"), ("distilled", "scorefusion"),
+         ("merge-refit", "merge-fitted"))
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class DigitsSettings:
     num_generated: int = 128
     sampling_steps: int = 20
     spectrum_points: int = 6
+    distill_steps: int = 300  # the distilled student's budget (Adam steps of batch 64, early-stopped)
     split_seed: int = 0
 
 
@@ -100,7 +104,8 @@ PRESETS = {"quick": QUICK, "medium": MEDIUM, "full": FULL}
 def method_names(settings: DigitsSettings) -> List[str]:
     """Column order: the methods that use the target data, then the references that do not."""
     auxiliaries = [f"aux{i + 1}" for i in range(len(settings.auxiliary_proportions))]
-    return ["scratch", "finetune", "scorefusion", "merge-fitted", "uniform", "merge-uniform"] + auxiliaries
+    return ["scratch", "finetune", "scorefusion", "merge-fitted", "merge-refit", "distilled", "uniform",
+            "merge-uniform"] + auxiliaries
 
 
 def resolve_n_values(n_values: Sequence[Union[int, str]], available: int,
@@ -182,6 +187,7 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
             fit_generator = torch.Generator().manual_seed(seed)
             latents = digit_data.dequantize(torch.as_tensor(pixels[chosen], dtype=torch.float32).unsqueeze(1),
                                             fit_generator)  # (n, 1, 8, 8) in [-1, 1], all n images  # fmt: skip
+            fit_state = fit_generator.get_state()
             fit = fit_weights(fused, make_noise_scheduler(), latents, generator=fit_generator,
                               num_noise_draws=settings.fit_noise_draws, progress_bar=False)  # fmt: skip
             weights = fit.weights.tolist()
@@ -190,6 +196,7 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
             candidates = {"scorefusion": (fused, weights, None),
                           "merge-fitted": (merge_unets(auxiliaries, weights), weights, None)}  # fmt: skip
             candidates.update({name: (model, None, record) for name, (model, record) in trained.items()})
+            candidates.update(baked_models(auxiliaries, settings, latents, fused, fit_state, seed))
             results = {name: dict(evaluate(model, settings, test, classifier, noise, seed), weights=w, training=record)
                        for name, (model, w, record) in candidates.items()}  # fmt: skip
             results.update({name: dict(result, training=None) for name, result in reference_results.items()})
@@ -215,6 +222,7 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
         auxiliary_validation_sizes={str(d): int(val.size) for d, (_, val) in zip(settings.digits, aux_parts)},
         auxiliary_training=training_records, wall_time_s=time.time() - started, settings=_settings_dict(settings),
         num_threads=torch.get_num_threads(), fkc=fkc,
+        member_forwards_per_step=member_forwards_per_step(method_names(settings), num_aux),
         models_trained=len(_cached_models(cache_dir) - cached_before) if cache_dir is not None
         else 1 + num_aux + 2 * len(settings.seeds) * len(n_values),
     )  # fmt: skip

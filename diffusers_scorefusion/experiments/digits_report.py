@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from .digits_bake import bake_lines
 from .reporting import (
     atomic_write_bytes,
     draw_metric_vs_n,
@@ -177,13 +178,14 @@ def write_digits_outputs(out_dir: str, settings: Any, methods: Sequence[str], re
 
         plot_ess(meta["fkc"], os.path.join(out_dir, "fkc_ess.png"))
         figures.append("fkc_ess.png")
-    report = report_markdown(settings, methods, rows, pairs, meta, figures)
+    extra = bake_lines(records, meta["member_forwards_per_step"]) if "member_forwards_per_step" in meta else []
+    report = report_markdown(settings, methods, rows, pairs, meta, figures, extra)
     atomic_write_bytes(os.path.join(out_dir, "report.md"), report.encode())
     return payload
 
 
 def report_markdown(settings: Any, methods: Sequence[str], rows: List[Dict[str, Any]], pairs: List[Dict[str, Any]],
-                    meta: Dict[str, Any], figures: Sequence[str]) -> str:  # fmt: skip
+                    meta: Dict[str, Any], figures: Sequence[str], extra_lines: Sequence[str] = ()) -> str:  # fmt: skip
     """The human-readable report: design, the metric tables (rows n, columns methods), differences, weights, budgets."""
     first, second = settings.digits
     aux = ", ".join(f"aux{i + 1} = ({p:.1f}, {1 - p:.1f})" for i, p in enumerate(settings.auxiliary_proportions))
@@ -243,6 +245,7 @@ def report_markdown(settings: Any, methods: Sequence[str], rows: List[Dict[str, 
          f"logistic regression trained on the auxiliary pool (accuracy on the test split: "
          f"{meta['classifier_test_accuracy']:.3f})."),
         "",
+        *extra_lines,
         "## Test NLL (bits/dim, lower is better)", "",
         markdown_table(rows, methods, "nll_bpd", "nll_se", digits=3, best="min"), "",
         "## Held-out denoising loss (epsilon MSE per pixel on the test images, lower is better)", "",

@@ -118,6 +118,10 @@ def report_markdown(settings: Any, payload: Dict[str, Any]) -> str:
         "| n | small t | full range |", "| ---: | --- | --- |", *weight_lines, "",
         f"Reference notebook at n = 1024 (paper setup, small t, SGD on softmax logits): {ref[0]:.3f}, {ref[1]:.3f}.",
         "",
+        ("One-forward bakes do not apply here: the two auxiliaries are trained independently (from different random "
+         "initialisations, not fine-tuned from one base), so averaging their weights (a merged model, "
+         "`fit_weights(target=\"merge\")`) does not give a model of either population; the digits experiment "
+         "measures merging and distillation."), "",
         "Early stopping of scratch (kept step / steps run, per seed): " + "; ".join(
             f"n = {r['n']}: " + ", ".join(f"{b}/{s}" for b, s in zip(r["best_step"], r["steps_run"])) for r in scratch)
         + f". Auxiliaries: {aux_training}.", "",

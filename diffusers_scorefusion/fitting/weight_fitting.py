@@ -184,6 +184,8 @@ def fit_weights(
     learning_rate: float = 0.1,
     momentum: float = 0.9,
     callback: Optional[Callable[[int, torch.Tensor, int], None]] = None,
+    target: str = "fusion",
+    merge_max_iterations: int = 30,
 ) -> FitResult:
     r"""
     Fits the fusion weights to target samples by denoising score matching, exactly by default.
@@ -237,6 +239,13 @@ def fit_weights(
         num_epochs, learning_rate, momentum (*optional*): `method="sgd"` only (paper: 100, 0.1, 0.9).
         callback (`Callable[[int, torch.Tensor, int], None]`, *optional*): `method="sgd"` only, called after each
             epoch with `(epoch, weights, num_forward_passes)`.
+        target (`str`): `"fusion"` (the weights of the k-forward fusion) or `"merge"`: the weights of the one-forward
+            weight-space merge (``sum_i lambda_i theta_i`` of full fine-tunes, or the merged LoRA of a LoRA fusion),
+            refined from the exact QP solution by projected gradient descent on the merged model's loss over the same
+            noised samples; never worse than the QP start there (see `fitting/merge_fitting.py`). `loss` is then the
+            merged model's loss and the provenance records the refit (`"merge_refit"`).
+        merge_max_iterations (`int`): `target="merge"` only: the most gradient steps (each one forward and backward
+            of the merged model over the noised samples, plus a forward per trial step).
 
     Returns:
         [`FitResult`]: weights, loss, per-member losses, forward count, standard errors, the quadratic, provenance.
@@ -245,6 +254,10 @@ def fit_weights(
         raise TypeError(f"fused must be a FusedUNet or a FusedTransformer, got {type(fused).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if target != "fusion":
+        from .merge_fitting import check_merge_target
+
+        check_merge_target(fused, target, method, num_timestep_bins, merge_max_iterations)
     options = check_options(
         num_noise_draws=num_noise_draws, weighting=weighting, snr_gamma=snr_gamma, num_timestep_bins=num_timestep_bins,
         batch_size=batch_size, num_bootstrap=num_bootstrap, num_epochs=num_epochs, learning_rate=learning_rate,
@@ -294,6 +307,13 @@ def fit_weights(
     range_name = timestep_range if isinstance(timestep_range, str) else None
     info = dict(method=method, process_record=process.record(), timestep_range_name=range_name,
                 num_processes=num_processes, latents=latents, member_inputs=inputs, **options)  # fmt: skip
+    if target == "merge":
+        from .merge_fitting import refit_for_merge
+
+        result = _finish(fused, sums, sgd_weights, num_forward_passes, bin_edges, seed, dict(info, set_weights=False))
+        return refit_for_merge(fused, result, process, latents, inputs, indices, seed,
+                               dict(options, merge_max_iterations=merge_max_iterations), accelerator,
+                               progress_bar and is_main)
     return _finish(fused, sums, sgd_weights, num_forward_passes, bin_edges, seed, info)
 
 
