@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..fitting import fit_weights
 from ..models.modeling_fused_unet import FusedUNet
 from . import data as digit_data
+from .digits_auto import AUTO_METHOD, AUTO_PAIRS, fit_auto, write_auto_outputs
 from .digits_eval import evaluate, lambda_spectrum, make_test_set, paired_difference, train_proportion_classifier
 from .digits_models import merge_unets, train_auxiliaries, train_target_models
 from .digits_report import write_digits_outputs
@@ -32,7 +33,7 @@ from .training import TrainingConfig, make_noise_scheduler
 
 ALL = "all"
 RECORD_KEYS = ("nll_bpd", "denoising_loss", "proportion", "weights", "training")
-PAIRS = (("scorefusion", "uniform"), ("merge-fitted", "merge-uniform"), ("scorefusion", "merge-fitted"))
+PAIRS = (("scorefusion", "uniform"), ("merge-fitted", "merge-uniform"), ("scorefusion", "merge-fitted"), *AUTO_PAIRS)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ PRESETS = {"quick": QUICK, "medium": MEDIUM, "full": FULL}
 def method_names(settings: DigitsSettings) -> List[str]:
     """Column order: the methods that use the target data, then the references that do not."""
     auxiliaries = [f"aux{i + 1}" for i in range(len(settings.auxiliary_proportions))]
-    return ["scratch", "finetune", "scorefusion", "merge-fitted", "uniform", "merge-uniform"] + auxiliaries
+    return ["scratch", "finetune", "scorefusion", AUTO_METHOD, "merge-fitted", "uniform", "merge-uniform"] + auxiliaries
 
 
 def resolve_n_values(n_values: Sequence[Union[int, str]], available: int,
@@ -153,7 +154,7 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
     records: List[Dict[str, Any]] = []  # one per (seed, n, method)
     pair_records: List[Dict[str, Any]] = []  # one per (seed, n, pair, metric)
     sample_images: Dict[int, Dict[str, np.ndarray]] = {}
-    fitted_example = None
+    fitted_example, auto_fits = None, []
     uniform_weights = [1.0 / num_aux] * num_aux
     for seed in settings.seeds:
         test = make_test_set(pixels, split, target_mix, settings.denoising_draws, seed)
@@ -180,13 +181,15 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
             fit_generator = torch.Generator().manual_seed(seed)
             latents = digit_data.dequantize(torch.as_tensor(pixels[chosen], dtype=torch.float32).unsqueeze(1),
                                             fit_generator)  # (n, 1, 8, 8) in [-1, 1], all n images  # fmt: skip
+            auto = fit_auto(auxiliaries, latents, fit_generator.get_state(), settings, auto_fits, seed, n)
             fit = fit_weights(fused, make_noise_scheduler(), latents, generator=fit_generator,
                               num_noise_draws=settings.fit_noise_draws, progress_bar=False)  # fmt: skip
             weights = fit.weights.tolist()
             if seed == settings.seeds[0] and n == n_values[-1]:
                 fitted_example = weights
             candidates = {"scorefusion": (fused, weights, None),
-                          "merge-fitted": (merge_unets(auxiliaries, weights), weights, None)}  # fmt: skip
+                          "merge-fitted": (merge_unets(auxiliaries, weights), weights, None),
+                          AUTO_METHOD: (*auto, None)}  # fmt: skip
             candidates.update({name: (model, None, record) for name, (model, record) in trained.items()})
             results = {name: dict(evaluate(model, settings, test, classifier, noise, seed), weights=w, training=record)
                        for name, (model, w, record) in candidates.items()}  # fmt: skip
@@ -215,8 +218,10 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
         models_trained=len(_cached_models(cache_dir) - cached_before) if cache_dir is not None
         else 1 + num_aux + 2 * len(settings.seeds) * len(n_values),
     )  # fmt: skip
-    return write_digits_outputs(out_dir, settings, method_names(settings), records, pair_records, meta, sample_images,
-                                spectrum, spectrum_labels)  # fmt: skip
+    payload = write_digits_outputs(out_dir, settings, method_names(settings), records, pair_records, meta,
+                                   sample_images, spectrum, spectrum_labels)  # fmt: skip
+    write_auto_outputs(out_dir, settings, auto_fits, records)
+    return payload
 
 
 def _cached_models(cache_dir: Optional[str]) -> set:
