@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--guidance-scale", type=float,
                      help="Flux: the (distilled) guidance you sample with; default 3.5, as FluxPipeline")  # fmt: skip
     fit.add_argument("--num-timestep-bins", type=_num_timestep_bins, default=1,
-                     help="weights per timestep bin; auto: the bins and their smoothness chosen by cross-validation")
+                     help="weights per timestep bin; auto: the bins and their smoothness chosen by cross-validation")  # fmt: skip
     fit.add_argument("--batch-size", type=int, default=16)
     fit.add_argument("--num-bootstrap", type=int, default=200)
     fit.add_argument("--seed", type=int, default=0)
@@ -320,7 +320,7 @@ def _fit(args: argparse.Namespace) -> None:
     if result.timestep_bin_selection is not None:
         choice = result.timestep_bin_selection
         print(f"auto bins: {choice['num_timestep_bins']} (relative smoothness {choice['relative_smoothness']:g}), "
-              f"by {choice['num_folds']}-fold cross-validation")
+              f"by {choice['num_folds']}-fold cross-validation")  # fmt: skip
 
 
 def _save_png(image: PIL.Image.Image, path: str) -> None:

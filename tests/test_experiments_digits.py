@@ -169,8 +169,8 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
     for summary in saved["paired_differences"]:
         assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"] and summary["num_seeds"] == 2
     report = open(os.path.join(out, "report.md")).read()
-    assert "| n | scratch | finetune | scorefusion | scorefusion-auto | merge-fitted | uniform | merge-uniform |" in (
-        report)
+    header = "| n | scratch | finetune | scorefusion | scorefusion-auto | merge-fitted | uniform | merge-uniform |"
+    assert header in report
     assert "## Cross-validated timestep bins" in report and os.path.getsize(os.path.join(out, "auto_weights.png")) > 0
     with open(os.path.join(out, "auto_bins.json")) as handle:
         fits = json.load(handle)["fits"]
