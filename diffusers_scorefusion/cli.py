@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--guidance-scale", type=float,
                      help="Flux: the (distilled) guidance you sample with; default 3.5, as FluxPipeline")  # fmt: skip
     fit.add_argument("--num-timestep-bins", type=_num_timestep_bins, default=1,
-                     help="weights per timestep bin; auto: the bins and their smoothness chosen by cross-validation")  # fmt: skip
+                     help="weights per timestep bin; auto: bins and smoothness chosen by cross-validation")  # fmt: skip
     fit.add_argument("--batch-size", type=int, default=16)
     fit.add_argument("--num-bootstrap", type=int, default=200)
     fit.add_argument("--seed", type=int, default=0)

@@ -67,7 +67,7 @@ def test_cross_validation_curve_matches_a_direct_k_fold():
     factors = torch.randn(num_samples, fine, k, 6, generator=generator, dtype=torch.float64)
     target = torch.randn(num_samples, fine, 6, generator=generator, dtype=torch.float64)
     sums = dict(gram=factors @ factors.transpose(-1, -2), linear=torch.einsum("nfkd,nfd->nfk", factors, target),
-                constant=(target**2).sum(-1), count=torch.full((num_samples, fine), 6.0, dtype=torch.float64))  # fmt: skip
+                constant=(target**2).sum(-1), count=torch.full((num_samples, fine), 6.0).double())  # fmt: skip
     coarse, edges, record = select_timestep_bins(sums, torch.linspace(0, 1000, fine + 1), seed=17)
     folds = _fold_of_each_sample(num_samples, 5, 17)
     assert sorted(torch.bincount(folds).tolist()) == [2, 2, 2, 2, 3]
