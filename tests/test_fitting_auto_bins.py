@@ -87,6 +87,12 @@ def test_cross_validation_curve_matches_a_direct_k_fold():
     assert chosen["cv_loss"] - best <= chosen["standard_error_vs_minimum"]  # the one-standard-error rule
     assert edges.tolist() == torch.linspace(0, 1000, fine + 1)[:: fine // record["num_timestep_bins"]].tolist()
     assert coarse["count"].shape == (num_samples, record["num_timestep_bins"])
+    _, _, minimum = select_timestep_bins(sums, torch.linspace(0, 1000, fine + 1), seed=17, rule="minimum")
+    best = min(curve, key=lambda c: c["cv_loss"])
+    assert (minimum["num_timestep_bins"], minimum["relative_smoothness"]) == (
+        best["num_timestep_bins"], best["relative_smoothness"]) and minimum["curve"] == curve  # fmt: skip
+    with pytest.raises(ValueError, match="rule must be one of"):
+        select_timestep_bins(sums, torch.linspace(0, 1000, fine + 1), seed=17, rule="best")
 
 
 def auto_fit(fused, scheduler, latents, **options):

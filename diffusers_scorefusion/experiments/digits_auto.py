@@ -82,7 +82,7 @@ def plot_auto_weights(fits: List[Dict[str, Any]], records: List[Dict[str, Any]],
             table = np.asarray(fit["weights"])
             edges = fit["timestep_bin_edges"] or [0, 1000]
             for i in range(num_members):
-                axis.stairs(table[:, i], edges, color=f"C{i}", alpha=0.6)
+                axis.stairs(table[:, i], edges, color=f"C{i}", alpha=0.6, baseline=None)
         for i in range(num_members):
             axis.axhline(single[i], color=f"C{i}", linestyle="--", label=f"aux{i + 1} (dashed: single λ)")
         axis.set(title=f"n = {n}: auto-binned λ per seed", xlabel="timestep (0 = clean)", ylabel="λ", ylim=(-0.02, 1))

@@ -25,7 +25,7 @@ AUTO = "auto"
 MAX_AUTO_BINS = 16
 RELATIVE_SMOOTHNESS = (0.0, 0.001, 0.01, 0.1, 1.0)  # tau
 NUM_FOLDS = 5
-RULE = "one_standard_error"
+RULES = ("one_standard_error", "minimum")
 
 
 def check_num_timestep_bins(num_timestep_bins: Any, method: str, num_samples: int) -> bool:
@@ -113,6 +113,7 @@ def select_timestep_bins(
     seed: int,
     num_folds: int = NUM_FOLDS,
     relative_smoothness: Sequence[float] = RELATIVE_SMOOTHNESS,
+    rule: str = RULES[0],
 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Dict[str, Any]]:
     """Chooses the bins and smoothness by cross-validation from the fine per-sample sums.
 
@@ -121,6 +122,9 @@ def select_timestep_bins(
             `(N, F)`, added over processes; `F` a power of 2.
         bin_edges (`torch.Tensor`): the `F + 1` fine edges.
         seed (`int`): the fit's noise seed (shared by all processes); it places the samples into folds.
+        num_folds (`int`), relative_smoothness (`tuple[float]`): the folds (at most one per sample) and the grid of tau.
+        rule (`str`): `"one_standard_error"` (the simplest candidate within one standard error of the minimum) or
+            `"minimum"` (the minimum of the CV curve).
 
     Returns:
         The chosen bins' sums `(N, nb, ...)`, their edges (every `F / nb`-th fine edge) and the selection record
@@ -139,8 +143,11 @@ def select_timestep_bins(
     best = int(torch.argmin(cv_loss))
     differences = losses - losses[best]  # paired per sample; nan/inf for infeasible candidates
     standard_errors = differences.std(dim=1) * math.sqrt(num_samples) / num_rows
-    chosen = next(i for i in _simpler_first(candidates)
-                  if math.isfinite(cv_loss[i]) and cv_loss[i] - cv_loss[best] <= standard_errors[i])  # fmt: skip
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    within = [i for i in _simpler_first(candidates)
+              if math.isfinite(cv_loss[i]) and cv_loss[i] - cv_loss[best] <= standard_errors[i]]  # fmt: skip
+    chosen = best if rule == "minimum" else within[0]
     num_bins, tau = candidates[chosen]
     coarse = coarsen(sums, num_bins)
     rho = penalty(tau, coarse["gram"].sum(0), coarse["count"].sum(0))
@@ -151,7 +158,7 @@ def select_timestep_bins(
     curve = [dict(num_timestep_bins=nb, relative_smoothness=t, cv_loss=number(cv_loss[i]),
                   standard_error_vs_minimum=number(standard_errors[i]) if i != best else 0.0)
              for i, (nb, t) in enumerate(candidates)]  # fmt: skip
-    record = dict(num_timestep_bins=num_bins, relative_smoothness=tau, smoothness=rho, num_folds=num_folds, rule=RULE,
+    record = dict(num_timestep_bins=num_bins, relative_smoothness=tau, smoothness=rho, num_folds=num_folds, rule=rule,
                   minimum=dict(num_timestep_bins=candidates[best][0], relative_smoothness=candidates[best][1]),
                   max_timestep_bins=fine, curve=curve)  # fmt: skip
     return coarse, bin_edges[:: fine // num_bins].clone(), record
