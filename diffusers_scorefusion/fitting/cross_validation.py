@@ -28,19 +28,23 @@ NUM_FOLDS = 5
 RULES = ("one_standard_error", "minimum")
 
 
-def check_num_timestep_bins(num_timestep_bins: Any, method: str, num_samples: int) -> bool:
-    """True for `"auto"` (after checking it can be used); False for anything else, which `check_options` checks."""
+def check_num_timestep_bins(num_timestep_bins: Any, method: str) -> bool:
+    """True for `"auto"` (after checking it goes with `method`); False for anything else, which `check_options`
+    checks."""
     if isinstance(num_timestep_bins, str):
         if num_timestep_bins != AUTO:
             raise ValueError(f"num_timestep_bins must be an int >= 1 or {AUTO!r}, got {num_timestep_bins!r}")
         if method != "exact":
             raise ValueError(f"num_timestep_bins='auto' needs method='exact', got method={method!r}")
-        if num_samples < 2:
-            raise ValueError(
-                f"num_timestep_bins='auto' cross-validates over target samples and needs at least 2, got {num_samples}"
-            )
         return True
     return False
+
+
+def check_auto_samples(num_samples: int) -> None:
+    if num_samples < 2:
+        raise ValueError(
+            f"num_timestep_bins='auto' cross-validates over target samples and needs at least 2, got {num_samples}"
+        )
 
 
 def auto_bin_cap(process: Any) -> int:

@@ -16,7 +16,13 @@ from tqdm.auto import tqdm
 from ..fusion.fusion_utils import quadratic_loss, solve_simplex_qp
 from ..models.modeling_fused_transformer import FusedTransformer
 from ..models.modeling_fused_unet import FusedUNet
-from .cross_validation import auto_bin_cap, check_num_timestep_bins, select_timestep_bins, solve_binned
+from .cross_validation import (
+    auto_bin_cap,
+    check_auto_samples,
+    check_num_timestep_bins,
+    select_timestep_bins,
+    solve_binned,
+)
 from .fitting_schedules import noising_process
 from .fitting_utils import check_options, member_inputs, noised_batches, provenance_record, reduce_sum, shared_seed
 
@@ -258,7 +264,7 @@ def fit_weights(
         raise TypeError(f"fused must be a FusedUNet or a FusedTransformer, got {type(fused).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    auto_bins = check_num_timestep_bins(num_timestep_bins, method, getattr(latents, "shape", (0,))[0])
+    auto_bins = check_num_timestep_bins(num_timestep_bins, method)
     num_timestep_bins = 1 if auto_bins else num_timestep_bins
     options = check_options(
         num_noise_draws=num_noise_draws, weighting=weighting, snr_gamma=snr_gamma, num_timestep_bins=num_timestep_bins,
@@ -285,6 +291,8 @@ def fit_weights(
         raise ValueError(f"{wrong_name} is for a {'FusedUNet' if wrong_name == 'unet_kwargs' else 'FusedTransformer'}; "
                          f"pass the {type(fused).__name__}'s inputs as {kwargs_name}")  # fmt: skip
     inputs = member_inputs(fused, latents, encoder_hidden_states, given[kwargs_name], kwargs_name, shared_kwargs)
+    if auto_bins:
+        check_auto_samples(latents.shape[0])
     bin_edges = process.bin_edges(auto_bin_cap(process) if auto_bins else num_timestep_bins)
 
     seed = shared_seed(generator, accelerator)
