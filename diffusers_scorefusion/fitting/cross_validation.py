@@ -136,6 +136,8 @@ def select_timestep_bins(
         CV `curve`, the held-out loss per noised sample of every candidate with the standard error of its difference
         to the minimum).
     """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     num_samples, fine = sums["count"].shape
     num_folds = min(num_folds, num_samples)
     folds = _fold_of_each_sample(num_samples, num_folds, seed)
@@ -147,8 +149,6 @@ def select_timestep_bins(
     best = int(torch.argmin(cv_loss))
     differences = losses - losses[best]  # paired per sample; nan/inf for infeasible candidates
     standard_errors = differences.std(dim=1) * math.sqrt(num_samples) / num_rows
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     within = [i for i in _simpler_first(candidates)
               if math.isfinite(cv_loss[i]) and cv_loss[i] - cv_loss[best] <= standard_errors[i]]  # fmt: skip
     chosen = best if rule == "minimum" else within[0]
