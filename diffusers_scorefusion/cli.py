@@ -146,6 +146,16 @@ def _timestep_range(value: str) -> Union[str, Tuple[int, int], Tuple[float, floa
         raise argparse.ArgumentTypeError(f"expected full, small_t or T_MIN,T_MAX, got {value!r}") from error
 
 
+def _num_timestep_bins(value: str) -> Union[int, str]:
+    """A positive int, or `auto` (chosen by cross-validation)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a positive int or auto, got {value!r}") from error
+
+
 def fusion_pipeline_class(path: str, flag: str) -> Tuple[type, Dict[str, Any]]:
     """The ScoreFusion pipeline class for a base model or a saved fusion pipeline (`path`, a folder or Hub id, given
     as `flag`), from the `_class_name` of its `model_index.json`, and that index."""
@@ -214,7 +224,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="SD3, Flux: how timesteps are drawn (default: as the model was trained)")  # fmt: skip
     fit.add_argument("--guidance-scale", type=float,
                      help="Flux: the (distilled) guidance you sample with; default 3.5, as FluxPipeline")  # fmt: skip
-    fit.add_argument("--num-timestep-bins", type=int, default=1)
+    fit.add_argument("--num-timestep-bins", type=_num_timestep_bins, default=1,
+                     help="weights per timestep bin; auto: bins and smoothness chosen by cross-validation")  # fmt: skip
     fit.add_argument("--batch-size", type=int, default=16)
     fit.add_argument("--num-bootstrap", type=int, default=200)
     fit.add_argument("--seed", type=int, default=0)
@@ -314,6 +325,10 @@ def _fit(args: argparse.Namespace) -> None:
     shown = [f"{w:.4f}" if errors is None else f"{w:.4f} ± {e:.4f}" for w, e in zip(weights, errors or weights)]
     print(f"weights: {', '.join(shown)}; loss {result.loss:.6f} (members alone: "
           f"{', '.join(f'{v:.6f}' for v in result.per_model_loss.tolist())}); saved to {args.out}")  # fmt: skip
+    if result.timestep_bin_selection is not None:
+        choice = result.timestep_bin_selection
+        print(f"auto bins: {choice['num_timestep_bins']} (relative smoothness {choice['relative_smoothness']:g}), "
+              f"by {choice['num_folds']}-fold cross-validation")  # fmt: skip
 
 
 def _sample(args: argparse.Namespace) -> None:

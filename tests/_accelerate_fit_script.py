@@ -90,12 +90,28 @@ def run_flow(accelerator=None) -> dict:
                 provenance=result.provenance)  # fmt: skip
 
 
+def run_auto(accelerator=None) -> dict:
+    """`num_timestep_bins="auto"` on members whose best weights change with the noise level, on this process."""
+    from _noise_dependent_members import members, noise_dependent_problem, target_samples
+
+    scheduler = get_dummy_scheduler()
+    means, stds, std = noise_dependent_problem(scheduler)
+    result = fit_weights(
+        members(means, stds, scheduler), scheduler, target_samples(means, means[0], std, NUM_SAMPLES),
+        num_noise_draws=16, batch_size=16, num_timestep_bins="auto", num_bootstrap=20,
+        generator=torch.Generator().manual_seed(0), accelerator=accelerator, progress_bar=False,
+    )  # fmt: skip
+    return dict(weights=result.weights.tolist(), selection=result.timestep_bin_selection,
+                edges=result.timestep_bin_edges, num_forward_passes=result.num_forward_passes)  # fmt: skip
+
+
 if __name__ == "__main__":
     from accelerate import PartialState
 
     state = PartialState(cpu=True)  # torchrun on CPU: gloo
     output = run(state)
     output["flow"] = run_flow(state)
+    output["auto"] = run_auto(state)
     try:  # a member fails on process 1 only: every process must raise, none may hang
         run(state, broken_member=state.process_index == 1)
         output["failure"] = None

@@ -156,6 +156,8 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
         assert row["denoising_loss"] > 0
         if row["method"] in ("scorefusion", "uniform", "merge-fitted", "merge-uniform", "merge-refit", "distilled"):
             assert len(row["weights"]) == 4 and min(row["weights"]) >= 0 and abs(sum(row["weights"]) - 1) < 1e-3
+        if row["method"] == "scorefusion-auto":  # the bin table on the finest grid (16 bins), to average over seeds
+            assert np.asarray(row["weights"]).shape == (16, 4)
         if row["method"] in ("scratch", "finetune"):  # early stopping kept a checkpoint within the budget
             assert all(0 <= b <= s <= 6 for b, s in zip(row["best_step"], row["steps_run"]))
     by_key = {(r["seed"], r["n"], r["method"]): r for r in saved["records"]}
@@ -167,15 +169,21 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
     for summary in saved["paired_differences"]:
         assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"] and summary["num_seeds"] == 2
     report = open(os.path.join(out, "report.md")).read()
-    assert ("| n | scratch | finetune | scorefusion | merge-fitted | merge-refit | distilled | uniform | merge-uniform "
-            "| aux1") in report
+    assert ("| n | scratch | finetune | scorefusion | scorefusion-auto | merge-fitted | merge-refit | distilled "
+            "| uniform | merge-uniform | aux1") in report
     forwards = saved["meta"]["member_forwards_per_step"]
-    assert forwards == {m: 4 if m in ("scorefusion", "uniform") else 1 for m in methods}
+    assert forwards == {m: 4 if m in ("scorefusion", "scorefusion-auto", "uniform") else 1 for m in methods}
     assert "| merge-refit | 1 |" in report and "| scorefusion | 4 |" in report
     for record in saved["records"]:  # the refit never ends above its start (the fusion's lambda) on the fitting data
         if record["method"] == "merge-refit":
             assert record["training"]["loss"] <= record["training"]["start_loss"]
     assert {"merge-refit - scorefusion", "distilled - scorefusion"} <= {s["pair"] for s in saved["paired_differences"]}
+    assert "## Cross-validated timestep bins" in report and os.path.getsize(os.path.join(out, "auto_weights.png")) > 0
+    with open(os.path.join(out, "auto_bins.json")) as handle:
+        fits = json.load(handle)["fits"]
+    assert sorted((f["seed"], f["n"]) for f in fits) == [(0, 4), (0, 8), (1, 4), (1, 8)]
+    for fit in fits:  # the auto fit runs the members as often as the single-λ fit: n x 2 draws in one batch of 16
+        assert fit["num_forward_passes"] == 4 and len(fit["weights"]) == fit["num_timestep_bins"]
     assert "Paired differences" in report and "Held-out denoising loss" in report
     assert "Feynman-Kac correctors" in report and os.path.getsize(os.path.join(out, "fkc_ess.png")) > 0
     fkc_rows = payload["meta"]["fkc"]["rows"]
@@ -189,7 +197,7 @@ def test_miniature_end_to_end_run_writes_every_file_with_the_documented_schema(t
     first = {(r["method"], r["n"]): r["nll_bpd"] for r in payload["records"] if r["seed"] == 1 and r["n"] == 4}
     assert not any(method.startswith("aux") for method, _ in first)  # the auxiliaries alone: first seed only
     rerun = {(r["method"], r["n"]): r["nll_bpd"] for r in again["records"]}
-    assert {key: value for key, value in rerun.items() if key in first} == first and len(first) == 8
+    assert {key: value for key, value in rerun.items() if key in first} == first and len(first) == 9
 
 
 def test_main_refuses_bad_arguments(tmp_path):

@@ -145,13 +145,18 @@ def test_miniature_run_writes_every_file_with_the_documented_schema(tmp_path, se
     with open(os.path.join(out, "results.json")) as handle:
         saved = json.load(handle)
     assert saved["experiment"] == "gaussian1d" and saved["setup"] == setup and "Wasserstein-1" in saved["units"]
-    methods = ("scratch", "scorefusion", "scorefusion-full", "aux1", "aux2")
+    methods = ("scratch", "scorefusion", "scorefusion-full", "scorefusion-auto", "aux1", "aux2")
     assert {(row["n"], row["method"]) for row in saved["rows"]} == {(n, m) for n in (8, 16) for m in methods}
     assert len(saved["records"]) == 2 * 2 * len(methods) * 2  # seeds x n x methods x trials
     for row in saved["rows"]:
         assert row["w1"] > 0 and row["w1_se"] >= 0 and row["num_trials"] == 2
-        if row["method"].startswith("scorefusion"):
+        if row["method"] == "scorefusion-auto":  # the bin table on the finest grid (16 bins), averaged over seeds
+            table = np.asarray(row["weights"])
+            assert table.shape == (16, 2) and table.min() >= 0 and np.allclose(table.sum(1), 1, atol=1e-6)
+        elif row["method"].startswith("scorefusion"):
             assert min(row["weights"]) >= 0 and abs(sum(row["weights"]) - 1) < 1e-6
+    auto = [f for f in saved["fits"] if f["method"] == "scorefusion-auto"]
+    assert len(auto) == 4 and all(len(f["table"]) == f["num_timestep_bins"] for f in auto)
     sampled = saved["what_is_sampled"]
     assert sampled["lambdas"] == [0.0, 0.5, 1.0]
     assert all(len(sampled[k]) == 3 for k in ("barycenter_w1", "exact_sampler_w1", "trained_sampler_w1"))
@@ -161,8 +166,9 @@ def test_miniature_run_writes_every_file_with_the_documented_schema(tmp_path, se
     assert [(r["case"], r["sampler"], r["member_forwards"]) for r in saved["fkc"]["rows"]] == [
         (case, sampler, 5) for case in ("control", "exact", "trained") for sampler in ("plain DDPM", "FKC")]
     assert all(r["resamplings"] >= 1 for r in saved["fkc"]["rows"] if r["sampler"] == "FKC")  # at least the last
-    assert "## What the fused sampler samples" in open(os.path.join(out, "report.md")).read()
-    assert "## Feynman-Kac correctors (SMC)" in open(os.path.join(out, "report.md")).read()
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## What the fused sampler samples" in report and "## Cross-validated timestep bins" in report
+    assert "## Feynman-Kac correctors (SMC)" in report
     assert payload["rows"] == saved["rows"]
 
 

@@ -66,3 +66,16 @@ def test_two_processes_equal_one_process_for_flow_matching(two_process_results):
 def test_a_failure_on_one_process_is_raised_on_every_process(two_process_results):
     assert "members [1] returned NaN" in two_process_results[1]["failure"]
     assert "1 other process(es) failed" in two_process_results[0]["failure"]
+
+
+def test_two_processes_choose_the_same_auto_bins_as_one_process(two_process_results):
+    single = script.run_auto()
+    assert single["selection"]["num_timestep_bins"] > 1
+    for result in two_process_results:
+        assert result["auto"]["selection"]["num_timestep_bins"] == single["selection"]["num_timestep_bins"]
+        assert result["auto"]["selection"]["relative_smoothness"] == single["selection"]["relative_smoothness"]
+        assert result["auto"]["edges"] == single["edges"]
+        np.testing.assert_allclose(result["auto"]["weights"], single["weights"], rtol=1e-9, atol=1e-12)
+        curves = [[point["cv_loss"] for point in r["selection"]["curve"]] for r in (result["auto"], single)]
+        np.testing.assert_allclose(*curves, rtol=1e-9)
+        assert result["auto"]["num_forward_passes"] == single["num_forward_passes"]

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..fitting import fit_weights
 from ..models.modeling_fused_unet import FusedUNet
 from . import data as digit_data
+from .digits_auto import AUTO_METHOD, AUTO_PAIRS, fit_auto, write_auto_outputs
 from .digits_bake import baked_models, member_forwards_per_step
 from .digits_eval import evaluate, lambda_spectrum, make_test_set, paired_difference, train_proportion_classifier
 from .digits_fkc import digits_fkc_row
@@ -36,8 +37,7 @@ from .training import TrainingConfig, make_noise_scheduler
 ALL = "all"
 RECORD_KEYS = ("nll_bpd", "denoising_loss", "proportion", "weights", "training")
 PAIRS = (("scorefusion", "uniform"), ("merge-fitted", "merge-uniform"), ("scorefusion", "merge-fitted"),
-         ("merge-refit", "scorefusion"), ("distilled", "scorefusion"),
-         ("merge-refit", "merge-fitted"))
+         ("merge-refit", "scorefusion"), ("distilled", "scorefusion"), ("merge-refit", "merge-fitted"), *AUTO_PAIRS)
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ PRESETS = {"quick": QUICK, "medium": MEDIUM, "full": FULL}
 def method_names(settings: DigitsSettings) -> List[str]:
     """Column order: the methods that use the target data, then the references that do not."""
     auxiliaries = [f"aux{i + 1}" for i in range(len(settings.auxiliary_proportions))]
-    return ["scratch", "finetune", "scorefusion", "merge-fitted", "merge-refit", "distilled", "uniform",
+    return ["scratch", "finetune", "scorefusion", AUTO_METHOD, "merge-fitted", "merge-refit", "distilled", "uniform",
             "merge-uniform"] + auxiliaries
 
 
@@ -160,7 +160,7 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
     records: List[Dict[str, Any]] = []  # one per (seed, n, method)
     pair_records: List[Dict[str, Any]] = []  # one per (seed, n, pair, metric)
     sample_images: Dict[int, Dict[str, np.ndarray]] = {}
-    fitted_example = None
+    fitted_example, auto_fits = None, []
     uniform_weights = [1.0 / num_aux] * num_aux
     for seed in settings.seeds:
         test = make_test_set(pixels, split, target_mix, settings.denoising_draws, seed)
@@ -188,13 +188,15 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
             latents = digit_data.dequantize(torch.as_tensor(pixels[chosen], dtype=torch.float32).unsqueeze(1),
                                             fit_generator)  # (n, 1, 8, 8) in [-1, 1], all n images  # fmt: skip
             fit_state = fit_generator.get_state()
+            auto = fit_auto(auxiliaries, latents, fit_state, settings, auto_fits, seed, n)
             fit = fit_weights(fused, make_noise_scheduler(), latents, generator=fit_generator,
                               num_noise_draws=settings.fit_noise_draws, progress_bar=False)  # fmt: skip
             weights = fit.weights.tolist()
             if seed == settings.seeds[0] and n == n_values[-1]:
                 fitted_example = weights
             candidates = {"scorefusion": (fused, weights, None),
-                          "merge-fitted": (merge_unets(auxiliaries, weights), weights, None)}  # fmt: skip
+                          "merge-fitted": (merge_unets(auxiliaries, weights), weights, None),
+                          AUTO_METHOD: (*auto, None)}  # fmt: skip
             candidates.update({name: (model, None, record) for name, (model, record) in trained.items()})
             candidates.update(baked_models(auxiliaries, settings, latents, fused, fit_state, seed))
             results = {name: dict(evaluate(model, settings, test, classifier, noise, seed), weights=w, training=record)
@@ -226,8 +228,10 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
         models_trained=len(_cached_models(cache_dir) - cached_before) if cache_dir is not None
         else 1 + num_aux + 2 * len(settings.seeds) * len(n_values),
     )  # fmt: skip
-    return write_digits_outputs(out_dir, settings, method_names(settings), records, pair_records, meta, sample_images,
-                                spectrum, spectrum_labels)  # fmt: skip
+    payload = write_digits_outputs(out_dir, settings, method_names(settings), records, pair_records, meta,
+                                   sample_images, spectrum, spectrum_labels)  # fmt: skip
+    write_auto_outputs(out_dir, settings, auto_fits, records)
+    return payload
 
 
 def _cached_models(cache_dir: Optional[str]) -> set:

@@ -21,7 +21,7 @@ from .digits_models import merge_unets
 from .training import make_noise_scheduler
 
 BAKED_METHODS = ("merge-refit", "distilled")
-FUSION_METHODS = ("scorefusion", "uniform")
+FUSION_METHODS = ("scorefusion", "scorefusion-auto", "uniform")
 DESCRIPTION = (
     "merge-refit: the auxiliaries' weights averaged with λ refitted for the merge (`fit_weights(target=\"merge\")`: "
     "projected gradient on the merged model's denoising loss over the same noised target images, from the fusion's "

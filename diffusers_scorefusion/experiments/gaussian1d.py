@@ -32,6 +32,7 @@ from ..fitting import fit_weights
 from ..models.modeling_fused_unet import FusedUNet
 from .denoising import denoising_loss, make_noised_set
 from .gaussian1d_analysis import corrector_study, what_is_sampled
+from .gaussian1d_auto import FITS, append_auto_section, fit_record, record_weights
 from .gaussian1d_fkc import FKC_CONFIGS, fkc_study
 from .gaussian1d_report import write_gaussian1d_outputs
 from .mixtures1d import Mixture1D, wasserstein1
@@ -203,15 +204,14 @@ def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Option
                                          coords.to_model(val), settings.scratch_training,
                                          settings.target_validation_draws, seed=100 + seed)  # fmt: skip
             models: Dict[str, Tuple[nn.Module, Any]] = {"scratch": (scratch, None)}
-            for method, timestep_range in (("scorefusion", "small_t"), ("scorefusion-full", "full")):
+            for method, timestep_range, num_timestep_bins in FITS:
                 fused = FusedUNet(members)
                 fit = fit_weights(fused, make_noise_scheduler(), coords.to_model(train),
                                   generator=torch.Generator().manual_seed(seed),
                                   num_noise_draws=settings.fit_noise_draws, timestep_range=timestep_range,
-                                  progress_bar=False)  # fmt: skip
+                                  num_timestep_bins=num_timestep_bins, progress_bar=False)  # fmt: skip
                 models[method] = (fused, fit.weights.tolist())
-                fits.append(dict(seed=seed, n=n, method=method, weights=fit.weights.tolist(),
-                                 standard_errors=fit.standard_errors.tolist()))  # fmt: skip
+                fits.append(dict(seed=seed, n=n, method=method, **fit_record(fit)))
             for trial in range(settings.num_trials):
                 generated = {method: sample_model(model, settings, noise_seed=10_000 * seed + 100 * trial + n % 97)
                              for method, (model, _) in models.items()}  # fmt: skip
@@ -220,7 +220,7 @@ def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Option
                     weights = models[method][1] if method in models else np.eye(len(members))[aux_names.index(method)]
                     records.append(dict(seed=seed, n=n, method=method, trial=trial,
                                         w1=wasserstein1(coords.to_data(z), test),
-                                        weights=None if weights is None else list(map(float, weights)),
+                                        weights=record_weights(weights),
                                         training=record if method == "scratch" else None))  # fmt: skip
                     if seed == settings.seeds[0] and trial == 0:
                         histograms.setdefault(n, {})[method] = coords.to_data(z)
@@ -246,7 +246,9 @@ def run_gaussian1d(settings: Gaussian1DSettings, out_dir: str, cache_dir: Option
                    auxiliaries=[asdict(a) for a in AUXILIARIES], reference_weights=list(REFERENCE_WEIGHTS),
                    records=records, fits=fits, what_is_sampled=sampled, corrector=corrected, fkc=fkc,
                    meta=meta)  # fmt: skip
-    return write_gaussian1d_outputs(out_dir, settings, payload, histograms)
+    payload = write_gaussian1d_outputs(out_dir, settings, payload, histograms)
+    append_auto_section(out_dir, payload)
+    return payload
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

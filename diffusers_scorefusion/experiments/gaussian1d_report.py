@@ -8,7 +8,7 @@ import numpy as np
 
 from .reporting import atomic_write_bytes, mean_and_se, plot_metric_vs_n, pyplot, save_figure, write_json
 
-METHODS = ("scratch", "scorefusion", "scorefusion-full", "aux1", "aux2")
+METHODS = ("scratch", "scorefusion", "scorefusion-full", "scorefusion-auto", "aux1", "aux2")
 
 
 def aggregate(records: List[Dict[str, Any]], fits: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

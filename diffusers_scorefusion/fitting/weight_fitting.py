@@ -16,6 +16,13 @@ from tqdm.auto import tqdm
 from ..fusion.fusion_utils import quadratic_loss, solve_simplex_qp
 from ..models.modeling_fused_transformer import FusedTransformer
 from ..models.modeling_fused_unet import FusedUNet
+from .cross_validation import (
+    auto_bin_cap,
+    check_auto_samples,
+    check_num_timestep_bins,
+    select_timestep_bins,
+    solve_binned,
+)
 from .fitting_schedules import noising_process
 from .fitting_utils import check_options, member_inputs, noised_batches, provenance_record, reduce_sum, shared_seed
 
@@ -38,6 +45,8 @@ class FitResult(BaseOutput):
         gram, linear, constant (`torch.Tensor`): the accumulated quadratic ``G``, ``b``, ``c`` (float64 means over
             noised samples), shapes `(k, k)`, `(k,)`, `()`, or with a leading `num_bins` dimension when binned.
         provenance (`dict`): how the weights were obtained (JSON-serialisable); saved with the fusion.
+        timestep_bin_selection (`dict` or `None`): with `num_timestep_bins="auto"`, the cross-validated choice
+            (`num_timestep_bins`, `relative_smoothness`, `smoothness`) and the CV `curve` (also in `provenance`).
     """
 
     weights: torch.Tensor
@@ -50,6 +59,7 @@ class FitResult(BaseOutput):
     linear: torch.Tensor
     constant: torch.Tensor
     provenance: Dict[str, Any]
+    timestep_bin_selection: Optional[Dict[str, Any]] = None
 
 
 def _zero_sums(num_samples: int, num_bins: int, num_members: int) -> Dict[str, torch.Tensor]:
@@ -66,8 +76,11 @@ def _accumulate(sums: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]) -
     sums["count"].view(-1).index_add_(0, flat, torch.ones_like(batch["constant"]))
 
 
-def _solve_bins(gram: torch.Tensor, linear: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Exact QP per bin from summed terms `(nb, k, k)`, `(nb, k)`, counts `(nb,)`; returns `(nb, k)`."""
+def _solve_bins(gram: torch.Tensor, linear: torch.Tensor, count: torch.Tensor, smoothness: float = 0.0) -> torch.Tensor:
+    """Exact QP per bin from summed terms `(nb, k, k)`, `(nb, k)`, counts `(nb,)`; returns `(nb, k)`. A smoothness
+    penalty between neighbouring bins (auto bins) makes it one joint QP."""
+    if smoothness > 0:
+        return solve_binned(gram, linear, count, smoothness)
     empty = (count == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
@@ -76,7 +89,9 @@ def _solve_bins(gram: torch.Tensor, linear: torch.Tensor, count: torch.Tensor) -
     return torch.stack([solve_simplex_qp(gram[i] / count[i], linear[i] / count[i]) for i in range(count.numel())])
 
 
-def _bootstrap_standard_errors(sums: Dict[str, torch.Tensor], num_bootstrap: int, seed: int) -> Optional[torch.Tensor]:
+def _bootstrap_standard_errors(
+    sums: Dict[str, torch.Tensor], num_bootstrap: int, seed: int, smoothness: float = 0.0
+) -> Optional[torch.Tensor]:
     """Standard error of the exact weights under resampling target samples with replacement, `(nb, k)`."""
     num_samples = sums["count"].shape[0]
     if num_bootstrap == 0 or num_samples < 2:
@@ -91,7 +106,7 @@ def _bootstrap_standard_errors(sums: Dict[str, torch.Tensor], num_bootstrap: int
             continue
         gram = torch.einsum("n,nbij->bij", multiplicity, sums["gram"])
         linear = torch.einsum("n,nbi->bi", multiplicity, sums["linear"])
-        replicates.append(_solve_bins(gram, linear, count))
+        replicates.append(_solve_bins(gram, linear, count, smoothness))
     if len(replicates) < 2:
         return None
     return torch.stack(replicates).std(dim=0)
@@ -173,7 +188,7 @@ def fit_weights(
     timestep_scale: Optional[float] = None,
     weighting: str = "uniform",
     snr_gamma: float = 5.0,
-    num_timestep_bins: int = 1,
+    num_timestep_bins: Union[int, str] = 1,
     batch_size: int = 16,
     generator: Optional[torch.Generator] = None,
     num_bootstrap: int = 200,
@@ -227,7 +242,11 @@ def fit_weights(
             QwenImage, whose pipelines pass ``timestep / 1000``. Timestep bins and `timestep_range` use these units.
         weighting (`str`): w(t): `"uniform"`, `"snr"` or `"min_snr"` (with `snr_gamma`); flow-matching fits take
             `"uniform"` only.
-        num_timestep_bins (`int`): > 1 fits one weight vector per equal-width timestep bin from the same pass.
+        num_timestep_bins (`int` or `"auto"`): > 1 fits one weight vector per equal-width timestep bin from the same
+            pass. `"auto"` chooses the number of bins (1, 2, 4, ... up to 16) and a smoothness penalty between
+            neighbouring bins by 5-fold cross-validation of the held-out denoising loss over the target samples, from
+            the same single pass (see `fitting/cross_validation.py`); the choice and CV curve are in
+            `timestep_bin_selection` and the provenance.
         batch_size (`int`): noised samples per member forward.
         generator (`torch.Generator`, *optional*): makes the noise reproducible; each sample's draws come from a
             seed derived from it and the sample's index, so they do not depend on batching or process count.
@@ -254,10 +273,15 @@ def fit_weights(
         raise TypeError(f"fused must be a FusedUNet or a FusedTransformer, got {type(fused).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    auto_bins = check_num_timestep_bins(num_timestep_bins, method)
     if target != "fusion":
         from .merge_fitting import check_merge_target
 
+        if auto_bins:
+            raise ValueError("target='merge' fits one weight vector for the merged model; num_timestep_bins='auto' "
+                             "chooses a table over timestep bins: pass num_timestep_bins=1")  # fmt: skip
         check_merge_target(fused, target, method, num_timestep_bins, merge_max_iterations)
+    num_timestep_bins = 1 if auto_bins else num_timestep_bins
     options = check_options(
         num_noise_draws=num_noise_draws, weighting=weighting, snr_gamma=snr_gamma, num_timestep_bins=num_timestep_bins,
         batch_size=batch_size, num_bootstrap=num_bootstrap, num_epochs=num_epochs, learning_rate=learning_rate,
@@ -283,7 +307,9 @@ def fit_weights(
         raise ValueError(f"{wrong_name} is for a {'FusedUNet' if wrong_name == 'unet_kwargs' else 'FusedTransformer'}; "
                          f"pass the {type(fused).__name__}'s inputs as {kwargs_name}")  # fmt: skip
     inputs = member_inputs(fused, latents, encoder_hidden_states, given[kwargs_name], kwargs_name, shared_kwargs)
-    bin_edges = process.bin_edges(num_timestep_bins)
+    if auto_bins:
+        check_auto_samples(latents.shape[0])
+    bin_edges = process.bin_edges(auto_bin_cap(process) if auto_bins else num_timestep_bins)
 
     seed = shared_seed(generator, accelerator)
     num_samples, num_members = latents.shape[0], fused.config.num_members
@@ -294,7 +320,7 @@ def fit_weights(
     def batches() -> Iterator[Dict[str, torch.Tensor]]:
         return noised_batches(fused, process, latents, inputs, indices, seed, bin_edges, options)
 
-    sums = _zero_sums(num_samples, num_timestep_bins, num_members)
+    sums = _zero_sums(num_samples, bin_edges.numel() - 1, num_members)
     total = options["num_epochs"] if method == "sgd" else len(indices)
     progress = tqdm(total=total, desc=f"fit_weights ({method})", disable=not (progress_bar and is_main))
     with progress:
@@ -304,9 +330,14 @@ def fit_weights(
             sgd_weights, num_forward_passes = None, _exact_pass(batches, num_members, sums, progress, accelerator)
     sums = {name: reduce_sum(value, accelerator) for name, value in sums.items()}
     num_forward_passes = int(reduce_sum(torch.tensor([float(num_forward_passes)]), accelerator).item())
+    selection = None
+    if auto_bins:  # from the summed per-sample terms: the same choice on every process
+        sums, bin_edges, selection = select_timestep_bins(sums, bin_edges, seed)
+        options["num_timestep_bins"] = selection["num_timestep_bins"]
     range_name = timestep_range if isinstance(timestep_range, str) else None
     info = dict(method=method, process_record=process.record(), timestep_range_name=range_name,
-                num_processes=num_processes, latents=latents, member_inputs=inputs, **options)  # fmt: skip
+                num_processes=num_processes, latents=latents, member_inputs=inputs, selection=selection,
+                **options)  # fmt: skip
     if target == "merge":
         from .merge_fitting import refit_for_merge
 
@@ -329,23 +360,28 @@ def _finish(
     """Solves (unless SGD gave the weights), evaluates, bootstraps, records provenance and sets the weights."""
     gram, linear = sums["gram"].sum(0), sums["linear"].sum(0)  # (nb, k, k), (nb, k)
     constant, count = sums["constant"].sum(0), sums["count"].sum(0)  # (nb,), (nb,)
-    weights = _solve_bins(gram, linear, count) if sgd_weights is None else sgd_weights  # (nb, k)
+    selection = info["selection"]
+    smoothness = 0.0 if selection is None else selection["smoothness"]
+    weights = _solve_bins(gram, linear, count, smoothness) if sgd_weights is None else sgd_weights  # (nb, k)
     total = count.sum()
     loss = sum(quadratic_loss(weights[i], gram[i], linear[i], constant[i]) for i in range(count.numel())) / total
     # one member alone: lambda = e_i  =>  G_ii - 2 b_i + c, over all bins
     per_model_loss = (gram.sum(0).diagonal() - 2 * linear.sum(0) + constant.sum()) / total
     standard_errors = None
     if info["method"] == "exact":
-        standard_errors = _bootstrap_standard_errors(sums, info["num_bootstrap"], seed + 1)
+        standard_errors = _bootstrap_standard_errors(sums, info["num_bootstrap"], seed + 1, smoothness)
     binned = count.numel() > 1
     squeeze = (lambda x: x) if binned else (lambda x: None if x is None else x[0])  # noqa: E731
     edges = bin_edges.tolist() if binned else None
     result_weights, result_errors = squeeze(weights), squeeze(standard_errors)
     provenance = provenance_record(info, float(loss), per_model_loss, result_errors, num_forward_passes, seed, edges)
+    if selection is not None:
+        provenance["timestep_bin_selection"] = selection
     result = FitResult(
         weights=result_weights, loss=float(loss), per_model_loss=per_model_loss, num_forward_passes=num_forward_passes,
         standard_errors=result_errors, timestep_bin_edges=edges, gram=squeeze(gram / count[:, None, None]),
         linear=squeeze(linear / count[:, None]), constant=squeeze(constant / count), provenance=provenance,
+        timestep_bin_selection=selection,
     )  # fmt: skip
     if info["set_weights"]:
         fused.set_weights(result_weights, timestep_bin_edges=edges, provenance=provenance)
