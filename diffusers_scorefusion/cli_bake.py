@@ -34,6 +34,10 @@ def add_bake_parser(commands: Any, device: str) -> None:
                       help="LoRA file format: Diffusers, or Kohya / A1111 keys (UNet LoRAs)")  # fmt: skip
     bake.add_argument("--data", help="merge-refit, distill: folder of images with captions")
     bake.add_argument("--row", type=int, help="weights over timestep bins: merge this bin's weights")
+    bake.add_argument("--max-steps", type=int, help="distill: most training steps of the student (default 500)")
+    bake.add_argument("--num-generated", type=int,
+                      help="distill: samples the fusion generates for the regression set (default: as many as --data "
+                           "has images)")  # fmt: skip
     bake.add_argument("--seed", type=int, default=0)
     bake.add_argument("--device", default=device)
     bake.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
@@ -67,6 +71,11 @@ def _check_flags(args: argparse.Namespace, lora: bool, table: bool) -> None:
         raise ValueError("--data is read by --method merge-refit and distill; --method merge uses the fitted weights")
     if args.method != "merge" and args.data is None:
         raise ValueError(f"--method {args.method} needs --data (a folder of images with captions)")
+    for flag, value, minimum in (("--max-steps", args.max_steps, 1), ("--num-generated", args.num_generated, 0)):
+        if value is not None and args.method != "distill":
+            raise ValueError(f"{flag} applies to --method distill, not to --method {args.method}")
+        if value is not None and value < minimum:
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}")
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
     if args.row is not None and args.row < 0:
@@ -126,7 +135,8 @@ def _distill(pipe: Any, images: List[Any], prompts: List[str], args: argparse.Na
     from .baking.distillation import distill
 
     latents, prompt_embeds, computed = pipe._fitting_inputs(images, prompts, None, None, {})
-    options = {"rank": args.rank} if args.rank is not None else {}
+    options = {name: value for name, value in (("rank", args.rank), ("max_steps", args.max_steps),
+                                               ("num_generated", args.num_generated)) if value is not None}
     return distill(pipe.fusion_model, pipe.scheduler, latents, student="lora" if lora else "merged",
                    encoder_hidden_states=prompt_embeds, generator=torch.Generator().manual_seed(args.seed),
                    progress_bar=not args.no_progress, **computed, **options).model  # fmt: skip
@@ -160,6 +170,7 @@ def bake(args: argparse.Namespace) -> None:
     """Runs `scorefusion bake` (see the module docstring); every check comes before anything is written."""
     from . import baking
     from .baking.bake_saving import check_bake_target
+    from .baking.lora_merge import fusion_weights_row
     from .cli import _check_device, _dtype_kwargs, fusion_pipeline_class, read_image_folder
 
     _check_device(args.device)
@@ -196,5 +207,6 @@ def bake(args: argparse.Namespace) -> None:
               f"into {args.out}")  # fmt: skip
         return
     model = baking.merge_checkpoints(fused, weights=weights, row=args.row)
+    record["weights"] = [float(w) for w in fusion_weights_row(fused, weights, args.row, lora=False)]
     baking.save_merged_checkpoint(model, out, pipeline=pipe, record=record)
     print(f"baked one {type(model).__name__} into the stock pipeline at {args.out}")

@@ -5,6 +5,7 @@ import copy
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from _bake_loras import save_lora_folders
@@ -92,6 +93,52 @@ def test_bake_full_fine_tunes_gives_the_stock_pipeline(saved, tmp_path):
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-6)
 
 
+def _target_data(root):
+    """Four captioned 32x32 images: the target data of merge-refit and distill."""
+    folder = root / "target_data"
+    if not folder.is_dir():
+        folder.mkdir()
+        for i in range(4):
+            pixels = (np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)
+            PIL.Image.fromarray(pixels).save(folder / f"image_{i}.png")
+            (folder / f"image_{i}.txt").write_text("a photo")
+    return str(folder)
+
+
+def test_bake_merge_refit_merges_the_refit_weights_and_records_them(saved, tmp_path):
+    root, _, _, full = saved
+    assert bake(root, "full", tmp_path / "baked", "--method", "merge-refit", "--data", _target_data(tmp_path)) == 0
+    record = json.loads((tmp_path / "baked" / "bake.json").read_text())
+    provenance = record["provenance"]
+    assert record["method"] == "merge-refit" and provenance["target"] == "merge"
+    refit = provenance["merge_refit"]
+    assert refit["loss"] <= refit["start_loss"]  # never worse than the exact QP's weights, for the merged model
+    weights = record["weights"]
+    assert abs(sum(weights) - 1) < 1e-9 and min(weights) >= 0
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "baked")
+    assert type(pipe) is StableDiffusionPipeline
+    for name, value in pipe.unet.state_dict().items():
+        expected = sum(w * unet.state_dict()[name] for w, unet in zip(weights, full["unet"].unets))
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_bake_distill_writes_a_stock_pipeline_or_a_lora(saved, tmp_path):
+    root, components, _, full = saved
+    data = _target_data(tmp_path)
+    short = ["--method", "distill", "--data", data, "--max-steps", "4", "--num-generated", "2"]
+    assert bake(root, "full", tmp_path / "merged_student", *short) == 0
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "merged_student")
+    assert type(pipe) is StableDiffusionPipeline
+    assert json.loads((tmp_path / "merged_student" / "bake.json").read_text())["method"] == "distill"
+    assert np.isfinite(images(pipe)).all()
+    assert bake(root, "lora", tmp_path / "lora_student", *short, "--rank", "2") == 0
+    stock = StableDiffusionPipeline(**copy.deepcopy(components))
+    stock.load_lora_weights(str(tmp_path / "lora_student"))
+    ranks = {module.r["default_0"] for module in stock.unet.modules() if hasattr(module, "r") and module.r}
+    assert ranks == {2}
+    assert np.isfinite(images(stock)).all()
+
+
 def _empty_data(root):
     (root / "empty").mkdir(exist_ok=True)
     return str(root / "empty")
@@ -117,6 +164,9 @@ BAD = [
      "holds no captioned images"),
     ("a plain pipeline", "plain", [], "holds a 'UNet2DConditionModel' as unet, not a fusion"),
     ("--out holding the user's file", "lora", [_foreign], "already holds ['pytorch_lora_weights.safetensors']"),
+    ("--max-steps for merge", "full", ["--max-steps", "3"], "--max-steps applies to --method distill"),
+    ("--num-generated below 0", "full", ["--method", "distill", "--data", _empty_data, "--num-generated", "-1"],
+     "--num-generated must be >= 0, got -1"),
 ]  # fmt: skip
 
 
