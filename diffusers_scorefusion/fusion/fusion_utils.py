@@ -5,7 +5,7 @@ Nothing here imports Diffusers. Paper symbols: ``lambda`` (the fusion weights, o
 ``sigma_t = sqrt(1 - alphas_cumprod[t])`` define the noised sample ``x_t = alpha_t x0 + sigma_t eps``.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -254,12 +254,34 @@ def solve_simplex_qp(gram: torch.Tensor, linear: torch.Tensor, max_iter: Optiona
     weights[start] = 1.0
     free = torch.zeros(k, dtype=torch.bool)
     free[start] = True
-    for _ in range(max_iter or 100 * (k + 1)):
-        target, mu = _solve_on_face(gram, linear, free)
+    return active_set_iterations(
+        lambda face: _solve_on_face(gram, linear, face), gram, linear, weights, free, tol, max_iter or 100 * (k + 1),
+        normalise=lambda w: w / w.sum(),
+    )  # fmt: skip
+
+
+def active_set_iterations(
+    solve_face: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+    hessian: torch.Tensor,
+    linear: torch.Tensor,
+    weights: torch.Tensor,
+    free: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The primal active-set iterations (Nocedal & Wright, Alg. 16.3) for ``x^T H x - 2 b^T x`` on a product of
+    simplices, from the feasible `weights` with the face `free` (changed in place).
+
+    `solve_face(free)` gives the minimiser on that face's affine hull and the equality multiplier of each variable's
+    simplex; `normalise` puts the weights back on their simplices after a step (rounding only).
+    """
+    for _ in range(max_iter):
+        target, mu = solve_face(free)
         step = target - weights
         if step.abs().max() <= 1e-12:
-            # multipliers of the active bounds lambda_j >= 0: (G lambda - b)_j + mu
-            multipliers = gram @ weights - linear + mu
+            # multipliers of the active bounds lambda_j >= 0: (H lambda - b)_j + mu
+            multipliers = hessian @ weights - linear + mu
             multipliers[free] = float("inf")
             j = int(torch.argmin(multipliers))
             if multipliers[j] >= -tol:
@@ -275,6 +297,5 @@ def solve_simplex_qp(gram: torch.Tensor, linear: torch.Tensor, max_iter: Optiona
         if alpha < 1.0:
             weights[blocking] = 0.0
             free[blocking] = False
-        weights = weights.clamp(min=0)
-        weights = weights / weights.sum()
-    raise RuntimeError(f"the active-set method did not converge in {max_iter or 100 * (k + 1)} iterations")
+        weights = normalise(weights.clamp(min=0))
+    raise RuntimeError(f"the active-set method did not converge in {max_iter} iterations")

@@ -16,7 +16,7 @@ from typing import Tuple
 
 import torch
 
-from .fusion_utils import solve_simplex_qp
+from .fusion_utils import active_set_iterations, solve_simplex_qp
 
 
 def smoothness_matrix(num_bins: int) -> torch.Tensor:
@@ -97,27 +97,13 @@ def solve_smoothed_simplex_qp(gram: torch.Tensor, linear: torch.Tensor, smoothne
     tol = 1e-12 * max(1.0, hessian.abs().max().item(), flat_linear.abs().max().item())
     weights = independent.flatten()  # a feasible start, usually on a face close to the optimum's
     free = weights > 0
-    max_iter = 100 * (num_bins * k + 1)
-    for _ in range(max_iter):
-        target, mu = _solve_on_faces(hessian, flat_linear, groups, num_bins, free)
-        step = target - weights
-        if step.abs().max() <= 1e-12:
-            multipliers = hessian @ weights - flat_linear + mu[groups]  # of the active bounds lambda_j >= 0
-            multipliers[free] = float("inf")
-            j = int(torch.argmin(multipliers))
-            if multipliers[j] >= -tol:
-                return weights.reshape(num_bins, k)
-            free[j] = True
-            continue
-        shrinking = free & (step < 0)
-        ratios = torch.full_like(weights, float("inf"))
-        ratios[shrinking] = -weights[shrinking] / step[shrinking]
-        blocking = int(torch.argmin(ratios))
-        alpha = min(1.0, ratios[blocking].item())
-        weights = weights + alpha * step
-        if alpha < 1.0:
-            weights[blocking] = 0.0
-            free[blocking] = False
-        weights = weights.clamp(min=0).reshape(num_bins, k)
-        weights = (weights / weights.sum(1, keepdim=True)).flatten()
-    raise RuntimeError(f"the active-set method did not converge in {max_iter} iterations")
+
+    def solve_face(face: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        target, mu = _solve_on_faces(hessian, flat_linear, groups, num_bins, face)
+        return target, mu[groups]  # each variable's bin multiplier
+
+    weights = active_set_iterations(
+        solve_face, hessian, flat_linear, weights, free, tol, 100 * (num_bins * k + 1),
+        normalise=lambda w: (w.reshape(num_bins, k) / w.reshape(num_bins, k).sum(1, keepdim=True)).flatten(),
+    )  # fmt: skip
+    return weights.reshape(num_bins, k)
