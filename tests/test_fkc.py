@@ -165,7 +165,7 @@ def test_deterministic_and_flow_schedulers_are_refused_with_the_one_to_use():
                       DPMSolverMultistepScheduler.from_config(get_dummy_scheduler().config)):  # fmt: skip
         with pytest.raises(ValueError, match="deterministic .*use DDPMScheduler, EulerAncestralDiscreteScheduler"):
             check_fkc_scheduler(scheduler)
-    with pytest.raises(ValueError, match="Flow-matching pipelines are not supported"):
+    with pytest.raises(ValueError, match="deterministic flow-matching FlowMatchEulerDiscreteScheduler: use DPMSolver"):
         check_fkc_scheduler(FlowMatchEulerDiscreteScheduler())
     check_fkc_scheduler(DPMSolverMultistepScheduler.from_config(get_dummy_scheduler().config,
                                                                 algorithm_type="sde-dpmsolver++"))  # fmt: skip
@@ -229,6 +229,6 @@ def test_flow_matching_pipelines_are_refused_with_a_sentence():
     pipe.set_progress_bar_config(disable=True)
     stochastic = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
     pipe.scheduler = stochastic  # the only stochastic flow sampler in Diffusers 0.42: it re-draws all the noise
-    with pipe.transformer.capture_member_predictions(), pytest.raises(ValueError, match="Flow-matching pipelines"):
+    with pipe.transformer.capture_member_predictions(), pytest.raises(ValueError, match="re-draws all the noise"):
         pipe("a cat", num_inference_steps=2, height=32, width=32, num_images_per_prompt=2, output_type="latent",
              callback_on_step_end=FeynmanKacCorrector(2))  # fmt: skip

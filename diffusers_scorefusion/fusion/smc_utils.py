@@ -10,6 +10,10 @@ The rate does not depend on how much noise the reverse sampler injects (the dive
 reverse SDE with the marginals of ``s_bar``), but resampling needs noise to separate duplicated particles, hence a
 stochastic sampler. For ``x_t = alpha_t x0 + sigma_t eps`` the score is ``s = -eps / sigma_t``; in a step from
 ``t`` to ``t_prev`` of a DDPM-family schedule ``g_t^2 dt ~ 1 - abar_t / abar_{t_prev}`` (``abar = alphas_cumprod``).
+For rectified flow ``x_t = (1 - t) x0 + t eps`` (``sigma = t``, velocity ``v = eps - x0``) the noise is
+``eps = x_t + (1 - t) v``, so noise differences are ``(1 - t)`` times velocity differences, and
+``g_t^2 = 2 t / (1 - t)``: ``d log w = -((1 - t) / t) sum_j beta_j ||v_j - v_bar||^2 dt`` (with ``dt > 0`` the
+length of the reverse step ``t -> t_prev``; [`fkc_flow_step_factor`] is its exact discrete analogue).
 Code names: ``beta_j`` is `exponents`, ``eps_j`` are `noise_preds` `(J, B, ...)`, ``abar`` is `alpha_bar`.
 Classifier-free guidance with scale ``w`` on a fusion ``lambda`` is the product of the experts (member ``i``
 unconditional, member ``i`` conditional) with exponents ``lambda_i (1 - w)`` and ``lambda_i w``.
@@ -28,6 +32,21 @@ def fkc_step_factor(alpha_bar_t: float, alpha_bar_prev: float) -> float:
             f"need 0 < alpha_bar_t < 1, alpha_bar_t <= alpha_bar_prev <= 1, got {alpha_bar_t!r} and {alpha_bar_prev!r}"
         )
     return (1.0 - alpha_bar_t / alpha_bar_prev) / (1.0 - alpha_bar_t)
+
+
+def fkc_flow_step_factor(sigma_t: float, sigma_prev: float) -> float:
+    """``g_t^2 dt / sigma_t^2`` for a rectified-flow step ``t -> t_prev`` (``x_t = (1 - t) x0 + t eps``, ``sigma = t``).
+
+    In any schedule ``x_t = alpha_t x0 + sigma_t eps`` the forward transition from ``t_prev`` to ``t`` adds variance
+    ``g_t^2 dt = sigma_t^2 - (alpha_t / alpha_prev)^2 sigma_prev^2``, so the factor is ``1 - snr_t / snr_prev`` with
+    ``snr = alpha^2 / sigma^2`` (for DDPM this is [`fkc_step_factor`]); for flow sigmas
+    ``1 - ((1 - t) t_prev / ((1 - t_prev) t))^2``, ``~ 2 dt / (t (1 - t))`` for small steps. Multiply by ``(1 - t)^2``
+    to apply it to velocity differences.
+    """
+    if not (0 < sigma_t <= 1) or not (0 <= sigma_prev < 1) or sigma_prev > sigma_t:
+        raise ValueError(f"need 0 <= sigma_prev <= sigma_t <= 1, sigma_t > 0, sigma_prev < 1, got {sigma_t!r} and "
+                         f"{sigma_prev!r}")  # fmt: skip
+    return 1.0 - ((1.0 - sigma_t) * sigma_prev / ((1.0 - sigma_prev) * sigma_t)) ** 2
 
 
 def guidance_exponents(weights: torch.Tensor, guidance_scale: Optional[float]) -> torch.Tensor:

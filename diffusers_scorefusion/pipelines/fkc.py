@@ -18,6 +18,7 @@ from diffusers.configuration_utils import register_to_config
 from ..fusion.fusion_utils import alpha_sigma
 from ..fusion.smc_utils import (
     effective_sample_size,
+    fkc_flow_step_factor,
     fkc_log_weight_increment,
     fkc_step_factor,
     group_gather_indices,
@@ -35,25 +36,54 @@ USE_INSTEAD = ("DDPMScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultist
 SCHEDULER_SAMPLE_STATE = ("model_outputs", "last_sample", "sample")
 
 
-def check_fkc_scheduler(scheduler: Any) -> torch.Tensor:
-    """The scheduler's `alphas_cumprod`; refuses flow-matching and deterministic schedulers with a sentence."""
+FLOW_USE_INSTEAD = ("DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type='flow_prediction', "
+                    "algorithm_type='sde-dpmsolver++', flow_shift=...)")  # fmt: skip
+
+
+def is_flow_scheduler(scheduler: Any) -> bool:
+    """Whether `scheduler` samples a flow-matching model (flow sigmas, flow predictions, or no `alphas_cumprod`)."""
+    config = getattr(scheduler, "config", {})
+    flow_config = bool(config.get("use_flow_sigmas", False)) or config.get("prediction_type") == "flow_prediction"
+    return flow_config or not isinstance(getattr(scheduler, "alphas_cumprod", None), torch.Tensor)
+
+
+def check_fkc_scheduler(scheduler: Any) -> Optional[torch.Tensor]:
+    """The scheduler's `alphas_cumprod`, or `None` for the stochastic flow scheduler (DPM-Solver SDE with flow sigmas);
+    refuses deterministic schedulers and FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) with a sentence."""
     name = type(scheduler).__name__
-    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-    if not isinstance(alphas_cumprod, torch.Tensor):
-        raise ValueError(
-            f"FeynmanKacCorrector supports DDPM-family schedulers (alphas_cumprod); got {name}. Flow-matching "
-            f"pipelines are not supported: Diffusers 0.42's FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) "
-            f"re-draws all the noise at every step (not a discretised reverse SDE), and flow sigmas in "
-            f"DPMSolverMultistepScheduler are not wired here"
-        )
     algorithm = getattr(scheduler.config, "algorithm_type", None)
+    if is_flow_scheduler(scheduler):
+        config = scheduler.config
+        if (name == "DPMSolverMultistepScheduler" and config.get("use_flow_sigmas", False)
+                and config.get("prediction_type") == "flow_prediction" and algorithm == "sde-dpmsolver++"):  # fmt: skip
+            return None
+        if config.get("stochastic_sampling", False):
+            raise ValueError(
+                f"FeynmanKacCorrector does not support {name}(stochastic_sampling=True): it re-draws all the noise at "
+                f"every step instead of simulating a reverse SDE; for flow-matching pipelines use {FLOW_USE_INSTEAD}"
+            )
+        kind = f"{name}(algorithm_type={algorithm!r})" if algorithm is not None else name
+        raise ValueError(
+            f"FeynmanKacCorrector needs a stochastic flow scheduler (resampled copies of a particle must be separated "
+            f"by fresh noise), got the deterministic flow-matching {kind}: use {FLOW_USE_INSTEAD}"
+        )
     if name not in STOCHASTIC_SCHEDULERS or (name == "DPMSolverMultistepScheduler" and algorithm not in SDE_ALGORITHMS):
         kind = f"{name}(algorithm_type={algorithm!r})" if algorithm is not None else name
         raise ValueError(
             f"FeynmanKacCorrector needs a stochastic scheduler (resampled copies of a particle must be separated by "
             f"fresh noise), got the deterministic {kind}: use {USE_INSTEAD}"
         )
-    return alphas_cumprod
+    return scheduler.alphas_cumprod
+
+
+def fusion_denoiser(pipeline: Any) -> Any:
+    """The pipeline's fusion: `pipe.unet`, else `pipe.transformer` (Sana, SD3, ...)."""
+    for name in ("unet", "transformer"):
+        denoiser = getattr(pipeline, name, None)
+        if hasattr(denoiser, "capture_member_predictions"):
+            return denoiser
+    found = type(getattr(pipeline, "unet", getattr(pipeline, "transformer", None))).__name__
+    raise TypeError(f"FeynmanKacCorrector needs a fusion as pipe.unet or pipe.transformer, got {found}")
 
 
 class FeynmanKacCorrector(PipelineCallback):
@@ -69,7 +99,10 @@ class FeynmanKacCorrector(PipelineCallback):
     `add_time_ids`, both halves under guidance) and the scheduler's per-sample history, never across prompts.
 
     Run the pipeline inside `pipe.unet.capture_member_predictions()` so the fusion hands its per-member predictions
-    to the callback (no copies, no extra forwards):
+    to the callback (no copies, no extra forwards). Flow-matching pipelines whose `transformer` is a fusion (Sana;
+    use `pipe.transformer.capture_member_predictions()`) are supported with the stochastic flow scheduler
+    `DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+    algorithm_type="sde-dpmsolver++")`: the step's ``t`` and ``t_prev`` are read from the scheduler's `sigmas`.
 
     ```py
     fkc = FeynmanKacCorrector(num_particles=4)
@@ -140,14 +173,12 @@ class FeynmanKacCorrector(PipelineCallback):
     # ------------------------------------------------------------------------------------------------ weights
     def _increments(self, pipeline: Any, step_index: int, timestep: Any, batch: int) -> torch.Tensor:
         """This step's log-weight increments `(batch,)` from the fusion's captured member predictions."""
-        fusion = getattr(pipeline, "unet", None)
-        captured = getattr(fusion, "last_member_predictions", None)
-        if not hasattr(fusion, "capture_member_predictions"):
-            raise TypeError(f"FeynmanKacCorrector needs a fusion as pipe.unet, got {type(fusion).__name__}")
+        fusion = fusion_denoiser(pipeline)
+        captured = fusion.last_member_predictions
         if captured is None:
             raise ValueError(
                 "no member predictions were captured: run the pipeline inside `with pipe.unet."
-                "capture_member_predictions():`"
+                "capture_member_predictions():` (`pipe.transformer.` for transformer pipelines)"
             )
         if not torch.equal(captured.timestep.flatten()[:1].cpu().double(),
                            torch.as_tensor(timestep).flatten()[:1].cpu().double()):  # fmt: skip
@@ -176,6 +207,10 @@ class FeynmanKacCorrector(PipelineCallback):
         exponents = guidance_exponents(weights, pipeline.guidance_scale if guided else None)
         scheduler = pipeline.scheduler
         alphas_cumprod = check_fkc_scheduler(scheduler)
+        if alphas_cumprod is None:  # flow sigmas: sigma = t; velocity differences are noise differences / (1 - t)
+            sigma_t, sigma_prev = (float(sigma) for sigma in scheduler.sigmas[step_index : step_index + 2])
+            factor = fkc_flow_step_factor(sigma_t, sigma_prev)
+            return fkc_log_weight_increment(experts, exponents, factor * (1.0 - sigma_t) ** 2)
         timesteps = scheduler.timesteps
         t = torch.as_tensor(timestep, dtype=torch.float64).flatten()[:1].cpu()
         alpha_t, sigma_t = alpha_sigma(alphas_cumprod.cpu(), t)
