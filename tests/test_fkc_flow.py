@@ -13,10 +13,15 @@ from diffusers import (
     SanaPipeline,
 )
 
-from diffusers_scorefusion import FusedTransformer
+from diffusers_scorefusion import FusedTransformer, ScoreFusionSD3Pipeline
 from diffusers_scorefusion.fusion.smc_utils import fkc_flow_step_factor, fkc_step_factor
 from diffusers_scorefusion.pipelines.fkc import FeynmanKacCorrector, check_fkc_scheduler
-from diffusers_scorefusion.testing.transformer_parts import get_dummy_sana_components, get_dummy_sana_transformer
+from diffusers_scorefusion.testing.transformer_parts import (
+    get_dummy_sana_components,
+    get_dummy_sana_transformer,
+    get_dummy_sd3_components,
+    get_dummy_sd3_transformer,
+)
 
 FLOW_SDE = dict(use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="sde-dpmsolver++")
 # members N(-1, 0.3^2) and N(1, 1) per pixel at lambda = (0.5, 0.5): barycenter N(m, s^2) with 1/s^2 = sum lambda/s_i^2
@@ -127,3 +132,17 @@ def test_other_flow_schedulers_are_refused_with_one_sentence_naming_the_one_to_u
                             "algorithm_type='sde-dpmsolver++', flow_shift=...)")  # fmt: skip
     assert ". " not in message  # one sentence
     assert check_fkc_scheduler(DPMSolverMultistepScheduler(**FLOW_SDE)) is None  # the stochastic flow scheduler
+
+
+def test_tiny_sd3_fusion_with_the_flow_sde_resamples_and_stays_finite():
+    components = get_dummy_sd3_components()
+    components["transformer"] = FusedTransformer([get_dummy_sd3_transformer(0), get_dummy_sd3_transformer(1)])
+    components["scheduler"] = DPMSolverMultistepScheduler(**FLOW_SDE, flow_shift=3.0)
+    pipe = ScoreFusionSD3Pipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    fkc = FeynmanKacCorrector(3, ess_threshold=1.0, generator=torch.Generator().manual_seed(1))
+    with pipe.transformer.capture_member_predictions():
+        latents = pipe(["a cat", "a dog"], num_inference_steps=4, height=32, width=32, num_images_per_prompt=3,
+                       max_sequence_length=16, output_type="latent", callback_on_step_end=fkc).images  # fmt: skip
+    assert latents.shape[0] == 6 and torch.isfinite(latents).all()
+    assert len(fkc.resampling_steps) >= 2 and fkc.resampling_steps[-1] == (3, [0, 1])

@@ -6,7 +6,8 @@ particles, gives each a log-weight built from the member predictions the fusion 
 network call; maths in `fusion.smc_utils`), and resamples a prompt's particles when their effective sample size
 drops. A step-end callback, like Diffusers' own (`SDCFGCutoffCallback`) and [`LangevinCorrector`], because it works
 unchanged with `ScoreFusionPipeline`, `ScoreFusionXLPipeline` and stock SD / SDXL pipelines whose `unet` is a
-[`FusedUNet`], and it may replace every per-sample tensor the pipeline exposes to callbacks.
+[`FusedUNet`] (and flow-matching Sana / SD3 pipelines whose `transformer` is a [`FusedTransformer`], with the SDE
+DPM-Solver on flow sigmas), and it may replace every per-sample tensor the pipeline exposes to callbacks.
 """
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
