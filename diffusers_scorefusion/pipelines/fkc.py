@@ -63,6 +63,12 @@ def check_fkc_scheduler(scheduler: Any) -> Optional[torch.Tensor]:
                 f"FeynmanKacCorrector does not support {name}(stochastic_sampling=True): it re-draws all the noise at "
                 f"every step instead of simulating a reverse SDE; for flow-matching pipelines use {FLOW_USE_INSTEAD}"
             )
+        if algorithm in SDE_ALGORITHMS:  # an SDE, but not the flow configuration FKC reads its t from
+            raise ValueError(
+                f"FeynmanKacCorrector supports flow-matching only with {FLOW_USE_INSTEAD}, got {name}(algorithm_type="
+                f"{algorithm!r}, use_flow_sigmas={config.get('use_flow_sigmas')!r}, prediction_type="
+                f"{config.get('prediction_type')!r})"
+            )
         kind = f"{name}(algorithm_type={algorithm!r})" if algorithm is not None else name
         raise ValueError(
             f"FeynmanKacCorrector needs a stochastic flow scheduler (resampled copies of a particle must be separated "
