@@ -148,3 +148,20 @@ def test_tiny_sd3_fusion_with_the_flow_sde_resamples_and_stays_finite():
                        max_sequence_length=16, output_type="latent", callback_on_step_end=fkc).images  # fmt: skip
     assert latents.shape[0] == 6 and torch.isfinite(latents).all()
     assert len(fkc.resampling_steps) >= 2 and fkc.resampling_steps[-1] == (3, [0, 1])
+
+
+def test_flux_pipelines_are_refused_with_one_sentence():
+    from diffusers_scorefusion import ScoreFusionFluxPipeline
+    from diffusers_scorefusion.testing.transformer_parts import get_dummy_flux_components, get_dummy_flux_transformer
+
+    components = get_dummy_flux_components()
+    components["transformer"] = FusedTransformer([get_dummy_flux_transformer(0), get_dummy_flux_transformer(1)])
+    pipe = ScoreFusionFluxPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    fkc = FeynmanKacCorrector(2)
+    message = r"does not support ScoreFusionFluxPipeline yet .*use an SD3 or Sana fusion"
+    with pytest.raises(ValueError, match=message) as error:
+        with pipe.transformer.capture_member_predictions():
+            pipe("a cat", num_inference_steps=2, height=32, width=32, num_images_per_prompt=2, max_sequence_length=16,
+                 output_type="latent", callback_on_step_end=fkc)
+    assert ". " not in str(error.value)

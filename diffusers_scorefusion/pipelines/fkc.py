@@ -281,6 +281,13 @@ class FeynmanKacCorrector(PipelineCallback):
     def callback_fn(
         self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: Dict[str, Any]
     ) -> Dict[str, Any]:
+        if "Flux" in type(pipeline).__name__:
+            raise ValueError(
+                f"FeynmanKacCorrector does not support {type(pipeline).__name__} yet (its callback does not hand over "
+                "the prompt embeddings by default, it passes timestep / 1000 to the transformer, and true CFG runs the "
+                "transformer twice per step): use an SD3 or Sana fusion with DPMSolverMultistepScheduler("
+                "use_flow_sigmas=True, prediction_type='flow_prediction', algorithm_type='sde-dpmsolver++')"
+            )
         latents = callback_kwargs["latents"]
         batch, num = latents.shape[0], self.config.num_particles
         if batch % num != 0:
