@@ -29,17 +29,10 @@ from accelerate import cpu_offload, cpu_offload_with_hook
 from diffusers import UNet2DConditionModel
 
 from diffusers_scorefusion import FusedUNet
+from diffusers_scorefusion.testing.unet_parts import SDXL_BASE_UNET_CONFIG
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_offload_check.json")
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2.57 B parameters).
-SDXL_UNET_CONFIG = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)  # fmt: skip
+SDXL_UNET_CONFIG = SDXL_BASE_UNET_CONFIG  # stable-diffusion-xl-base-1.0's UNet (random weights)
 TINY_XL_UNET_CONFIG = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

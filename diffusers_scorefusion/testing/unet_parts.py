@@ -9,6 +9,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..models.modeling_fused_unet import FusedUNet
 
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2.57 B parameters): for the GPU check scripts, built with
+# random weights (nothing is downloaded).
+SDXL_BASE_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)  # fmt: skip
 
 def get_dummy_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """A character-level CLIP tokenizer built in memory (no download)."""
