@@ -92,42 +92,29 @@ def _merged_student(predictor: MergedPredictor, weights: torch.Tensor) -> Tuple[
     return student, list(student.parameters())
 
 
-def _merged_delta(layer: nn.Module, adapters: List[str], weights: torch.Tensor) -> Optional[torch.Tensor]:
-    """``sum_i lambda_i scale_i B_i A_i`` of one PEFT layer, flattened to `(out, in * kernel)`; `None` if no member
-    adapts it."""
-    delta = None
-    for i, adapter in enumerate(adapters):
-        if adapter not in getattr(layer, "lora_A", {}):
-            continue
-        down = layer.lora_A[adapter].weight.detach().flatten(1).to(torch.float64)  # (r, in * kernel)
-        up = layer.lora_B[adapter].weight.detach().flatten(1).to(torch.float64)  # (out, r)
-        term = weights[i] * layer.scaling[adapter] * (up @ down)
-        delta = term if delta is None else delta + term
-    return delta
-
-
 def _lora_student(predictor: MergedPredictor, weights: torch.Tensor, rank: int
                   ) -> Tuple[nn.Module, List[nn.Parameter]]:  # fmt: skip
     """Adds the adapter "distilled" (rank `rank`, the modules any member adapts) to the base, initialised with the
     rank-`rank` truncated SVD of the merged delta; returns the base and the adapter's parameters."""
     from peft import LoraConfig
 
+    from ..fusion.merge_utils import truncate_lora
+    from .lora_merge import adapter_factors, merge_factors
+
     base, adapters = predictor.module, predictor.adapters
-    deltas = {name: delta for name, layer in base.named_modules()
-              if (delta := _merged_delta(layer, adapters, weights)) is not None}  # fmt: skip
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(deltas), init_lora_weights=True)
+    # the exact merged LoRA (scale 1), then its best rank-`rank` factors (zero-padded where the merge has fewer)
+    merged, _, _ = merge_factors([adapter_factors(base, adapter) for adapter in adapters], weights.tolist())
+    modules = sorted({key.rsplit(".lora_", 1)[0] for key in merged})
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights=True)
     with warnings.catch_warnings():  # several adapters in one base is the point of a LoRA fusion
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         base.add_adapter(config, adapter_name=ADAPTER_NAME)
     layers = dict(base.named_modules())
     with torch.no_grad():
-        for name, delta in deltas.items():
-            down, up = layers[name].lora_A[ADAPTER_NAME].weight, layers[name].lora_B[ADAPTER_NAME].weight
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # delta = u diag(s) vh, scale = alpha / r = 1
-            kept = min(rank, s.numel())
-            root = s[:kept].sqrt()
-            down.zero_().view(rank, -1)[:kept].copy_(root[:, None] * vh[:kept])
-            up.zero_().view(-1, rank)[:, :kept].copy_(u[:, :kept] * root)
+        for name in modules:
+            down, up, _ = truncate_lora(merged[f"{name}.lora_A.weight"], merged[f"{name}.lora_B.weight"], rank)
+            layers[name].lora_A[ADAPTER_NAME].weight.copy_(down)
+            layers[name].lora_B[ADAPTER_NAME].weight.copy_(up)
     base.set_adapter(ADAPTER_NAME)
     trainable = [param for name, param in base.named_parameters() if f".{ADAPTER_NAME}." in name]
     return base, trainable
