@@ -16,7 +16,7 @@ import argparse
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -135,10 +135,23 @@ def _per_class(pixels: np.ndarray, labels: np.ndarray, indices: np.ndarray, digi
     return [pixels[indices[labels[indices] == d]] for d in digits]
 
 
-def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str]) -> Dict[str, Any]:
-    """Runs the experiment, writes report.md, results.json and figures to `out_dir`, and returns the results."""
-    started = time.time()
-    cached_before = _cached_models(cache_dir)
+class DigitsSetup(NamedTuple):
+    """What every part of the experiment shares: the data, its split, the n values, the proportion classifier, the
+    auxiliaries' train/validation parts and the cache key of their data."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    split: Any
+    target_mix: Tuple[float, float]
+    n_values: List[int]
+    classifier: Any
+    classifier_accuracy: float
+    aux_parts: List[Tuple[np.ndarray, np.ndarray]]
+    data_key: Dict[str, Any]
+
+
+def digits_setup(settings: DigitsSettings) -> DigitsSetup:
+    """Loads the digits, splits them once (split seed), resolves n and trains the proportion classifier."""
     pixels, labels = digit_data.load_digit_pixels()
     target_mix = (settings.target_proportion, 1 - settings.target_proportion)
     target_sizes = digit_data.class_counts(settings.max_n, target_mix)
@@ -150,6 +163,17 @@ def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str])
     data_key = dict(digits=list(settings.digits), test_per_class=settings.test_per_class, max_n=settings.max_n,
                     split_seed=settings.split_seed, auxiliary_val_fraction=settings.auxiliary_val_fraction,
                     validation_draws=settings.validation_draws)  # fmt: skip
+    return DigitsSetup(pixels, labels, split, target_mix, n_values, classifier, classifier_accuracy, aux_parts,
+                       data_key)  # fmt: skip
+
+
+def run_digits(settings: DigitsSettings, out_dir: str, cache_dir: Optional[str]) -> Dict[str, Any]:
+    """Runs the experiment, writes report.md, results.json and figures to `out_dir`, and returns the results."""
+    started = time.time()
+    cached_before = _cached_models(cache_dir)
+    pixels, labels, split, target_mix, n_values, classifier, classifier_accuracy, aux_parts, data_key = digits_setup(
+        settings
+    )
     num_aux = len(settings.auxiliary_proportions)
     progress = tqdm(total=num_aux + len(settings.seeds) * (1 + len(n_values)), desc="models and evaluations")
     auxiliaries, training_records = train_auxiliaries(

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from ..fitting import fit_weights
 from ..models.modeling_fused_unet import FusedUNet
 from . import data as digit_data
-from .digits_eval import train_proportion_classifier
 from .digits_models import train_auxiliaries
 from .gaussian1d_fkc import fkc_generate
 from .training import generate, make_noise_scheduler
@@ -33,19 +32,10 @@ from .training import generate, make_noise_scheduler
 def fitted_fusion(settings: Any, cache_dir: Optional[str]) -> Dict[str, Any]:
     """The auxiliaries (from the cache when trained before), the classifier, and the fusion fitted on the largest n
     of the first seed, exactly as `run_digits` builds `scorefusion`."""
-    from .digits import resolve_n_values
+    from .digits import digits_setup
 
-    pixels, labels = digit_data.load_digit_pixels()
-    target_mix = (settings.target_proportion, 1 - settings.target_proportion)
-    target_sizes = digit_data.class_counts(settings.max_n, target_mix)
-    split = digit_data.split_digits(labels, settings.digits, settings.test_per_class, target_sizes, settings.split_seed)
-    n = resolve_n_values(settings.n_values, digit_data.max_target_size(split, target_mix), target_mix)[-1]
-    classifier, _ = train_proportion_classifier(pixels, labels, split)
-    aux_parts = [digit_data.holdout(split.indices["auxiliary"][d], settings.auxiliary_val_fraction, settings.split_seed)
-                 for d in settings.digits]  # fmt: skip
-    data_key = dict(digits=list(settings.digits), test_per_class=settings.test_per_class, max_n=settings.max_n,
-                    split_seed=settings.split_seed, auxiliary_val_fraction=settings.auxiliary_val_fraction,
-                    validation_draws=settings.validation_draws)  # fmt: skip
+    pixels, labels, split, target_mix, n_values, classifier, _, aux_parts, data_key = digits_setup(settings)
+    n = n_values[-1]
     auxiliaries, _ = train_auxiliaries(settings, cache_dir, data_key, [pixels[train] for train, _ in aux_parts],
                                        [pixels[val] for _, val in aux_parts])  # fmt: skip
     seed = settings.seeds[0]
